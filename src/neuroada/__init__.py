@@ -1,0 +1,30 @@
+"""NeuroAda parameter-efficient fine-tuning (arXiv 2510.18940) as a PEFT method.
+
+``import neuroada`` registers the method with PEFT; then ``get_peft_model(model, NeuroAdaConfig(...))``,
+``PeftModel.from_pretrained`` and the rest of PEFT's API work with NeuroAda adapters.
+"""
+
+from . import _peft_integration
+from .bypass import build_pattern, sparse_bypass, sparse_bypass_reference
+from .config import NeuroAdaConfig
+from .layer import NeuroAdaLayer, NeuroAdaLinear
+from .model import AdapterLoadError, NeuroAdaModel
+from .selection import index_dtype_for, select_per_neuron, selection_fingerprint
+
+_peft_integration.register(NeuroAdaConfig, NeuroAdaModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterLoadError",
+    "NeuroAdaConfig",
+    "NeuroAdaLayer",
+    "NeuroAdaLinear",
+    "NeuroAdaModel",
+    "build_pattern",
+    "index_dtype_for",
+    "select_per_neuron",
+    "selection_fingerprint",
+    "sparse_bypass",
+    "sparse_bypass_reference",
+]

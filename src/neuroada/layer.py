@@ -1,0 +1,148 @@
+"""The NeuroAda layer: a frozen linear layer plus a sparse bypass with k trainable scalars per output neuron."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .bypass import SparsePattern, build_pattern, sparse_bypass
+from .config import NeuroAdaConfig
+from .selection import layer_seed, select_per_neuron
+
+
+def supports(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+class NeuroAdaLayer(BaseTunerLayer):
+    """Adapter state of one wrapped layer, per adapter name:
+
+    - ``neuroada_delta[name]``: ``[out_features, k]`` float32 parameter, whatever the base dtype, so that small
+      updates to large weights are not rounded away;
+    - ``neuroada_indices[name]``: ``[out_features, k]`` buffer of selected input positions, in the smallest integer
+      dtype that holds ``in_features``, rows sorted.
+
+    The base weight is addressed as ``[out_features, in_features]`` rows whatever its storage: ``nn.Linear`` stores
+    that layout, transformers' ``Conv1D`` (GPT-2) stores the transpose.
+    """
+
+    adapter_layer_names = ("neuroada_delta",)
+    other_param_names = ("neuroada_indices", "bypass_backend")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.neuroada_delta = nn.ParameterDict({})
+        self.neuroada_indices = BufferDict(persistent=True)
+        self.bypass_backend: dict[str, str] = {}
+        # Original weight entries at the selected positions, kept while an adapter is merged so that unmerge
+        # restores the base weight bit for bit (subtracting delta again would not, in bf16).
+        self._merged_originals: dict[str, torch.Tensor] = {}
+        self._patterns: dict[str, tuple[tuple, SparsePattern]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+        base = self.get_base_layer()
+        if not supports(base):
+            raise TypeError(f"NeuroAda adapts nn.Linear and transformers Conv1D layers, not {type(base).__name__}")
+        self.is_conv1d = isinstance(base, Conv1D)
+        if self.is_conv1d:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+
+    def weight_rows(self) -> torch.Tensor:
+        """The base weight's data as ``[out_features, in_features]`` (a view: writes go to the weight)."""
+        weight = self.get_base_layer().weight.data
+        return weight.T if self.is_conv1d else weight
+
+    def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
+        k = min(config.k, self.in_features)
+        rows = self.weight_rows()
+        indices = select_per_neuron(rows, k, config.selection, seed=layer_seed(config.seed, module_name))
+        if config.init_weights:
+            delta = torch.zeros(self.out_features, k, dtype=torch.float32, device=rows.device)
+        else:
+            delta = torch.randn(self.out_features, k, dtype=torch.float32, device=rows.device) * 0.02
+        self.neuroada_delta[adapter_name] = nn.Parameter(delta)
+        self.neuroada_indices[adapter_name] = indices
+        self.bypass_backend[adapter_name] = config.bypass_backend
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def pattern(self, adapter_name: str) -> SparsePattern:
+        """The op's index layouts, rebuilt only when the indices buffer changed (e.g. loaded in place)."""
+        indices = self.neuroada_indices[adapter_name]
+        key = (indices.data_ptr(), indices._version, indices.device)
+        cached = self._patterns.get(adapter_name)
+        if cached is None or cached[0] != key:
+            cached = (key, build_pattern(indices, self.in_features))
+            self._patterns[adapter_name] = cached
+        return cached[1]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter as a dense matrix shaped like the base weight (float32)."""
+        indices = self.neuroada_indices[adapter_name].long()
+        dense = torch.zeros(self.out_features, self.in_features, device=indices.device)
+        dense.scatter_(1, indices, self.neuroada_delta[adapter_name].detach().float())
+        return dense.T if self.is_conv1d else dense
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W[i, idx[i, j]] += delta[i, j] in one scatter per adapter, summed in float32, cast once to W's dtype."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        rows = self.weight_rows()
+        for name in adapter_names:
+            if name not in self.neuroada_delta:
+                continue
+            indices = self.neuroada_indices[name].long()
+            original = rows.gather(1, indices)
+            merged = (original.float() + self.neuroada_delta[name].detach().float()).to(rows.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN/inf into the weight; the adapter is broken")
+            rows.scatter_(1, indices, merged)
+            self._merged_originals[name] = original
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("NeuroAda layer is not merged; nothing to unmerge.")
+            return
+        rows = self.weight_rows()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            rows.scatter_(1, self.neuroada_indices[name].long(), self._merged_originals.pop(name))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._patterns.pop(adapter_name, None)
+
+
+class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
+    """NeuroAda around an ``nn.Linear`` or a transformers ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: NeuroAdaConfig, module_name: str = ""):
+        super().__init__()
+        NeuroAdaLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.neuroada_delta:
+                bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), self.bypass_backend[name])
+                result = result + bypass.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "neuroada." + super().__repr__()

@@ -1,0 +1,245 @@
+"""NeuroAdaModel: the PEFT tuner that puts NeuroAda layers into a model, saves, loads and merges them."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import _get_submodules
+from torch import nn
+
+from .config import NeuroAdaConfig
+from .layer import NeuroAdaLayer, NeuroAdaLinear, supports
+from .selection import selection_fingerprint
+
+_PEFT_MODEL_PREFIX = "base_model.model."
+
+
+class AdapterLoadError(ValueError):
+    """An adapter does not fit the model it is being loaded on; the model was left as it was."""
+
+
+class NeuroAdaModel(BaseTuner):
+    """Injects :class:`NeuroAdaLinear` layers into a model. Normally created through ``peft.get_peft_model``.
+
+    Example::
+
+        from peft import get_peft_model
+        from neuroada import NeuroAdaConfig
+
+        model = get_peft_model(base_model, NeuroAdaConfig(k=1, target_modules="all-linear"))
+    """
+
+    prefix: str = "neuroada_"
+    tuner_layer_cls = NeuroAdaLayer
+    target_module_mapping: dict = {}  # no per-architecture defaults: target_modules=None means "all-linear"
+
+    # ------------------------------------------------------------------ injection
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """PEFT's injection, made all-or-nothing: on any error the model gets back its modules and trainability."""
+        # Kept until the adapter's weights are loaded, so that a failed load can restore trainability too.
+        self._requires_grad_before_injection = {param: param.requires_grad for param in model.parameters()}
+        self._capped_layers: list[str] = []
+        self._fingerprint_mismatches: list[str] = []
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+            if self._fingerprint_mismatches:
+                raise AdapterLoadError(_fingerprint_message(self._fingerprint_mismatches, adapter_name))
+        except BaseException:
+            self._remove_adapter_from_layers(adapter_name)
+            self._restore_requires_grad()
+            raise
+        if self._capped_layers:
+            warnings.warn(
+                f"NeuroAda k={self.peft_config[adapter_name].k} is larger than the input size of "
+                f"{len(self._capped_layers)} layer(s) ({', '.join(self._capped_layers[:5])}"
+                f"{', ...' if len(self._capped_layers) > 5 else ''}); these layers train all their inputs. "
+                "Lower k or exclude them with exclude_modules to silence this."
+            )
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        if isinstance(target, NeuroAdaLayer):
+            target.update_layer(adapter_name, config, current_key)
+            layer = target
+        else:
+            if not supports(target):
+                raise TypeError(
+                    f"module {current_key!r} is a {type(target).__name__}; NeuroAda adapts nn.Linear and "
+                    "transformers Conv1D layers only. Narrow target_modules or add it to exclude_modules."
+                )
+            layer = NeuroAdaLinear(target, adapter_name, config, current_key)
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)  # an added adapter is not trainable until it is set active
+            self._replace_module(parent, target_name, layer, target)
+        if config.k > layer.in_features:
+            self._capped_layers.append(current_key)
+        # Without stored indices the recomputed selection must be the training-time one; with stored indices the
+        # check happens at load time, against the indices in the file.
+        expected = (config.selection_fingerprints or {}).get(current_key)
+        if not config.save_indices and expected is not None:
+            if expected != selection_fingerprint(layer.neuroada_indices[adapter_name]):
+                self._fingerprint_mismatches.append(current_key)
+
+    def _remove_adapter_from_layers(self, adapter_name: str) -> None:
+        for key, module in list(self.model.named_modules()):
+            if not isinstance(module, NeuroAdaLayer) or adapter_name not in module.neuroada_delta:
+                continue
+            if set(module.neuroada_delta.keys()) == {adapter_name}:
+                parent, _, child_name = _get_submodules(self.model, key)
+                setattr(parent, child_name, module.get_base_layer())
+            else:
+                module.delete_adapter(adapter_name)
+
+    def _restore_requires_grad(self) -> None:
+        for param, flag in getattr(self, "_requires_grad_before_injection", {}).items():
+            param.requires_grad_(flag)
+
+    # ------------------------------------------------------------------ merge
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        layers = self._layers()
+        if layers and all(set(names) <= set(layer.merged_adapters) for layer in layers):
+            warnings.warn(
+                f"NeuroAda adapter(s) {names} are already merged into every adapted layer; merging again would add "
+                "the deltas twice, so nothing was done. Call unmerge_adapter() first to merge again."
+            )
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already following adapters were merged")
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        if not any(layer.merged for layer in self._layers()):
+            warnings.warn("No NeuroAda adapter is merged, so there is nothing to unmerge; the model is unchanged.")
+            return
+        super().unmerge_adapter()
+
+    def _layers(self) -> list[NeuroAdaLayer]:
+        return [module for module in self.model.modules() if isinstance(module, NeuroAdaLayer)]
+
+    # ------------------------------------------------------------------ save / load
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        layers = _named_layers(model, adapter_name)
+        # Written into the config that save_pretrained writes next, so a later load can check its base.
+        config.selection_fingerprints = {
+            name: selection_fingerprint(layer.neuroada_indices[adapter_name]) for name, layer in layers.items()
+        }
+        for name, layer in layers.items():
+            if not torch.isfinite(layer.neuroada_delta[adapter_name]).all():
+                raise ValueError(f"adapter {adapter_name!r}: layer {name!r} holds NaN/inf deltas; nothing was saved")
+        if not config.save_indices:
+            selected = {key: value for key, value in selected.items() if ".neuroada_indices." not in key}
+        return selected
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        try:
+            return _validated_for_load(model, config, adapter_name, remapped)
+        except AdapterLoadError:
+            tuner = getattr(model, "base_model", None)
+            if isinstance(tuner, NeuroAdaModel):
+                tuner._forget_adapter(adapter_name)
+            raise
+
+    def _forget_adapter(self, adapter_name: str) -> None:
+        """Undo an adapter that failed to load: its layers, its modules_to_save copies and its config entry."""
+        if len(self.peft_config) <= 1:
+            self._unload_and_optionally_merge(merge=False)
+            self.peft_config.pop(adapter_name, None)
+        else:
+            self.delete_adapter(adapter_name)
+        self._restore_requires_grad()
+
+
+def _named_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLayer]:
+    """NeuroAda layers holding ``adapter_name``, by module name relative to the base model."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, NeuroAdaLayer) and adapter_name in module.neuroada_delta:
+            layers[name.removeprefix("_fsdp_wrapped_module.").removeprefix(_PEFT_MODEL_PREFIX)] = module
+    return layers
+
+
+def _validated_for_load(model, config, adapter_name, state_dict):
+    """Check a checkpoint against the layers it is about to be loaded into, before anything is copied."""
+    prefix = _PEFT_MODEL_PREFIX if any(k.startswith(_PEFT_MODEL_PREFIX) for k in model.state_dict()) else ""
+    state_dict = dict(state_dict)
+    layers = _named_layers(model, adapter_name)
+    mismatched_base = []
+    for name, layer in layers.items():
+        delta_key = f"{prefix}{name}.neuroada_delta.{adapter_name}"
+        indices_key = f"{prefix}{name}.neuroada_indices.{adapter_name}"
+        expected_shape = tuple(layer.neuroada_delta[adapter_name].shape)
+        if delta_key not in state_dict:
+            raise AdapterLoadError(
+                f"the adapter file has no deltas for layer {name!r}; it was saved from a different model or "
+                "target_modules. Load it on the base model it was trained on."
+            )
+        if tuple(state_dict[delta_key].shape) != expected_shape:
+            raise AdapterLoadError(
+                f"layer {name!r}: the adapter holds deltas of shape {tuple(state_dict[delta_key].shape)}, but on "
+                f"this base the layer needs {expected_shape} ([out_features, k]); the adapter was trained on a base "
+                "with other shapes. Load it on the base model it was trained on."
+            )
+        live_indices = layer.neuroada_indices[adapter_name]
+        if not config.save_indices:
+            state_dict[indices_key] = live_indices  # recomputed at injection and checked against the fingerprint
+            continue
+        if indices_key not in state_dict:
+            raise AdapterLoadError(
+                f"layer {name!r}: the adapter config says indices were saved (save_indices=True) but the file has "
+                "none; adapter_config.json and adapter_model.safetensors come from different saves."
+            )
+        indices = state_dict[indices_key]
+        if tuple(indices.shape) != expected_shape or indices.dtype.is_floating_point:
+            raise AdapterLoadError(
+                f"layer {name!r}: stored indices have shape {tuple(indices.shape)} and dtype {indices.dtype}, "
+                f"expected integer indices of shape {expected_shape}; the file is damaged or from another model."
+            )
+        wide = indices.long()
+        if wide.numel() and (wide.min() < 0 or wide.max() >= layer.in_features):
+            raise AdapterLoadError(
+                f"layer {name!r}: stored indices fall outside 0..{layer.in_features - 1}; the file is damaged or "
+                "was saved from a base with wider layers."
+            )
+        recorded = (config.selection_fingerprints or {}).get(name)
+        if recorded is not None and recorded != selection_fingerprint(indices):
+            raise AdapterLoadError(
+                f"layer {name!r}: the stored indices do not match the fingerprint in adapter_config.json; the two "
+                "files come from different saves or the weights file is damaged. Save the adapter again."
+            )
+        if not torch.equal(wide, live_indices.long()):
+            mismatched_base.append(name)
+        state_dict[indices_key] = indices.to(live_indices.dtype)
+    known = {f"{prefix}{name}.neuroada_{kind}.{adapter_name}" for name in layers for kind in ("delta", "indices")}
+    unknown = sorted(k for k in state_dict if ".neuroada_" in k and k not in known)
+    if unknown:
+        raise AdapterLoadError(
+            f"the adapter file holds NeuroAda weights for modules this model does not adapt (e.g. {unknown[0]!r}); "
+            "it was saved from a different model. Load it on the base model it was trained on."
+        )
+    if mismatched_base:
+        warnings.warn(
+            f"adapter {adapter_name!r}: on {len(mismatched_base)} layer(s) (e.g. {mismatched_base[0]!r}) this base "
+            "model's weights select other connections than the stored indices, so it is not the base the adapter "
+            "was trained on. The stored indices are used; check that this is the base you meant."
+        )
+    return state_dict
+
+
+def _fingerprint_message(modules: list[str], adapter_name: str) -> str:
+    return (
+        f"adapter {adapter_name!r} was saved without indices (save_indices=False), and the selection recomputed "
+        f"from this base model's weights differs from the one it was trained with on {len(modules)} layer(s), "
+        f"e.g. {modules[0]!r}. The deltas would land on the wrong connections, so the model was left unchanged. "
+        "Load it on the base it was trained on, or save adapters with save_indices=True to make them independent "
+        "of the base weights."
+    )

@@ -1,0 +1,97 @@
+"""Offline, data-free selection of the trainable connections: k input positions per output neuron.
+
+Everything here is a plain function of a weight tensor laid out as ``[out_features, in_features]`` (one row per
+output neuron). No model, no data, no gradients. Results are canonical so that they can be recomputed at load time
+and compared across machines: within a row the selected positions are sorted ascending, and ties in the score are
+broken by the lower input position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+import torch
+
+SELECTION_CRITERIA = ("magnitude", "smallest", "random")
+
+# Rows are scored in chunks so that selection never holds more than about this many scores (plus their sort
+# indices) at once, whatever the size of the weight.
+_SELECTION_CHUNK_ELEMENTS = 1 << 24
+
+
+def index_dtype_for(in_features: int) -> torch.dtype:
+    """The smallest integer dtype that holds every position ``0 .. in_features - 1``."""
+    if in_features <= 256:
+        return torch.uint8
+    if in_features <= 2**15:
+        return torch.int16
+    if in_features <= 2**31:
+        return torch.int32
+    return torch.int64
+
+
+def select_per_neuron(
+    weight: torch.Tensor,
+    k: int,
+    criterion: str = "magnitude",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Choose ``k`` input connections for every output neuron (row) of ``weight``.
+
+    Args:
+        weight: ``[out_features, in_features]``, any floating dtype and device.
+        k: connections per neuron, ``1 <= k <= in_features``.
+        criterion: ``"magnitude"`` (largest ``|W[i, j]|``, the paper's default), ``"smallest"`` (smallest
+            ``|W[i, j]|``) or ``"random"`` (uniform without replacement, from ``seed``).
+        seed: only used by ``"random"``. Drawn on the CPU, so the result is the same on every device.
+
+    Returns:
+        ``[out_features, k]`` indices on ``weight``'s device, in :func:`index_dtype_for` ``(in_features)``, each row
+        sorted ascending.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"selection needs a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > in_features:
+        raise ValueError(f"k={k} is larger than in_features={in_features}: each neuron has only {in_features} inputs")
+    if criterion not in SELECTION_CRITERIA:
+        raise ValueError(f"unknown selection criterion {criterion!r}; choose one of {SELECTION_CRITERIA}")
+
+    if criterion == "random":
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        scores_all = torch.rand(out_features, in_features, generator=generator)
+        chosen = _top_k_rows(scores_all, k, largest=True)
+    else:
+        if not torch.isfinite(weight).all():
+            raise ValueError("the weight holds NaN or inf values; magnitude selection would be meaningless")
+        chosen = _top_k_rows(weight, k, largest=(criterion == "magnitude"), use_abs=True)
+    return chosen.sort(dim=1).values.to(device=weight.device, dtype=index_dtype_for(in_features))
+
+
+def _top_k_rows(scores: torch.Tensor, k: int, largest: bool, use_abs: bool = False) -> torch.Tensor:
+    # A stable sort (not torch.topk, whose tie order is unspecified) makes the choice among equal scores the lower
+    # position, on every backend.
+    rows_per_chunk = max(1, _SELECTION_CHUNK_ELEMENTS // scores.shape[1])
+    chunks = []
+    for start in range(0, scores.shape[0], rows_per_chunk):
+        block = scores[start : start + rows_per_chunk].float()
+        if use_abs:
+            block = block.abs()
+        order = torch.sort(block, dim=1, descending=largest, stable=True).indices
+        chunks.append(order[:, :k])
+    return torch.cat(chunks)
+
+
+def layer_seed(seed: int, module_name: str) -> int:
+    """A per-layer seed for random selection, so layers of the same shape get different patterns."""
+    return (seed * 1_000_003 + zlib.crc32(module_name.encode())) % (2**63)
+
+
+def selection_fingerprint(indices: torch.Tensor) -> str:
+    """A short, platform-independent hash of a selection; equal selections give equal fingerprints."""
+    data = indices.detach().to(device="cpu", dtype=torch.int32).contiguous().numpy().tobytes()
+    header = f"{tuple(indices.shape)}".encode()
+    return hashlib.blake2b(header + data, digest_size=8).hexdigest()
