@@ -1,0 +1,115 @@
+"""The NeuroAda layer on nn.Linear and GPT-2's Conv1D: forward, storage, merge and unmerge."""
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from neuroada import NeuroAdaConfig, NeuroAdaLinear
+from neuroada.selection import select_per_neuron
+
+
+def make_layer(kind, in_features=24, out_features=10, dtype=torch.float32, k=3, **config):
+    torch.manual_seed(0)
+    if kind == "linear":
+        base = nn.Linear(in_features, out_features)
+    else:
+        base = Conv1D(out_features, in_features)
+        nn.init.normal_(base.weight)
+    base = base.to(dtype).requires_grad_(False)
+    return NeuroAdaLinear(base, "default", NeuroAdaConfig(k=k, init_weights=False, **config))
+
+
+def weight_as_rows(layer):
+    weight = layer.get_base_layer().weight
+    return weight.T if layer.is_conv1d else weight
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_forward_is_base_plus_dense_delta(kind):
+    layer = make_layer(kind)
+    x = torch.randn(2, 5, 24)
+    adapted_weight = layer.get_base_layer().weight + layer.get_delta_weight("default")  # in the base's layout
+    rows = adapted_weight.T if layer.is_conv1d else adapted_weight
+    expected = x @ rows.T + layer.get_base_layer().bias
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_selection_runs_along_the_input_axis(kind):
+    layer = make_layer(kind, k=2)
+    expected = select_per_neuron(weight_as_rows(layer), 2)
+    assert layer.neuroada_indices["default"].shape == (10, 2)
+    assert torch.equal(layer.neuroada_indices["default"], expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_storage_dtypes(kind, dtype):
+    layer = make_layer(kind, in_features=300, dtype=dtype)
+    assert layer.neuroada_delta["default"].dtype == torch.float32
+    assert layer.neuroada_indices["default"].dtype == torch.int16
+    assert layer(torch.randn(3, 300).to(dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_equals_unmerged_and_unmerge_restores_bits(kind, dtype):
+    layer = make_layer(kind, dtype=dtype)
+    x = torch.randn(4, 24).to(dtype)
+    original = layer.get_base_layer().weight.detach().clone()
+    unmerged_out = layer(x)
+    layer.merge()
+    assert layer.merged
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(layer(x).float(), unmerged_out.float(), atol=tolerance, rtol=tolerance)
+    layer.unmerge()
+    assert torch.equal(layer.get_base_layer().weight, original)
+
+
+def test_merge_sums_in_float32_then_casts_once():
+    layer = make_layer("linear", dtype=torch.bfloat16)
+    rows = weight_as_rows(layer)
+    indices = layer.neuroada_indices["default"].long()
+    expected = (rows.gather(1, indices).float() + layer.neuroada_delta["default"].detach()).to(torch.bfloat16)
+    layer.merge()
+    assert torch.equal(weight_as_rows(layer).gather(1, indices), expected)
+
+
+def test_small_delta_on_large_bf16_weight_still_changes_the_output():
+    base = nn.Linear(2, 1, bias=False).to(torch.bfloat16).requires_grad_(False)
+    base.weight.data = torch.tensor([[256.0, -256.0]], dtype=torch.bfloat16)
+    layer = NeuroAdaLinear(base, "default", NeuroAdaConfig(k=1))
+    assert torch.equal(layer.neuroada_indices["default"], torch.tensor([[0]], dtype=torch.uint8))  # tie: lower
+    layer.neuroada_delta["default"].data.fill_(0.25)
+    x = torch.tensor([[1.0, 1.0]], dtype=torch.bfloat16)
+    assert base(x).item() == 0.0
+    assert layer(x).item() == 0.25
+    # What composing W + delta in bf16 (the reference code's forward) gives: the update is rounded away.
+    composed = base.weight.clone()
+    composed[0, 0] += torch.tensor(0.25, dtype=torch.bfloat16)
+    assert (x @ composed.T).item() == 0.0
+
+
+def test_saved_for_backward_holds_no_weight_copy():
+    layer = make_layer("linear", in_features=64, out_features=128, k=2)
+    x = torch.randn(3, 64, requires_grad=True)
+    weight = layer.get_base_layer().weight
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    copies = [t for t in saved if t.numel() >= weight.numel() and t.data_ptr() != weight.data_ptr()]
+    assert not copies
+
+
+def test_unmerge_without_merge_warns_and_changes_nothing():
+    layer = make_layer("linear")
+    before = layer.get_base_layer().weight.clone()
+    with pytest.warns(UserWarning, match="not merged"):
+        layer.unmerge()
+    assert torch.equal(layer.get_base_layer().weight, before)
+
+
+def test_k_is_capped_at_in_features():
+    layer = make_layer("linear", in_features=3, k=8)
+    assert layer.neuroada_delta["default"].shape == (10, 3)
