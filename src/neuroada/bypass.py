@@ -17,12 +17,16 @@ Two ways to apply S (and S^T in the backward), chosen per call by :func:`choose_
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "gather", "dense")
+
+# The sampled product below builds a CSR tensor on every backward; PyTorch warns about CSR's beta status each time.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 class SparsePattern(NamedTuple):
