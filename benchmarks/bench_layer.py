@@ -1,0 +1,78 @@
+"""Layer-level benchmark: forward + backward of one adapted linear layer, every method side by side.
+
+    python benchmarks/bench_layer.py [--tokens 2048] [--repeats 7] [--ks 1 8 20 64] [--shapes 2048x2048 576x1536]
+
+For each shape (in x out) and k, the methods run interleaved (one call of each per round, several rounds) so that
+machine noise hits them alike. Reported: median forward+backward time as a ratio to the frozen layer (the floor:
+forward plus the backward to the input, no weight gradient), and the bytes autograd keeps for backward besides
+the layer's own parameters. The sparse peers get the same number of trainable entries as NeuroAda at that k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from torch import nn
+
+from common import bytes_kept_for_backward, markdown_table, median_seconds, timed, wrap_linear
+
+METHODS = ["frozen", "neuroada-gather", "neuroada-dense", "dense-compose", "supertuning", "shira", "lora-r8", "full"]
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    in_features, out_features = (int(v) for v in text.split("x"))
+    return in_features, out_features
+
+
+def run_shape(in_features, out_features, k, tokens, repeats):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features)
+    modules = {method: wrap_linear(method, copy.deepcopy(linear), k) for method in METHODS}
+    x = torch.randn(tokens, in_features, requires_grad=True)
+    upstream = torch.randn(tokens, out_features)
+
+    def step(module):
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        module(x).backward(upstream)
+
+    for module in modules.values():  # warm-up: first calls allocate and build caches
+        step(module)
+    samples = {method: [] for method in METHODS}
+    for _ in range(repeats):
+        for method, module in modules.items():
+            samples[method].append(timed(lambda: step(module)))
+    kept = {method: bytes_kept_for_backward(lambda: module(x), list(module.parameters()) + list(module.buffers()))
+            for method, module in modules.items()}
+    floor = median_seconds(samples["frozen"])
+    trainable = {method: sum(p.numel() for p in module.parameters() if p.requires_grad)
+                 for method, module in modules.items()}
+    return {method: (median_seconds(samples[method]) / floor, kept[method], trainable[method]) for method in METHODS}, floor
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 8, 20, 64])
+    parser.add_argument("--shapes", nargs="+", default=["2048x2048", "576x1536"])
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {args.tokens} tokens, "
+          f"median of {args.repeats} interleaved rounds\n")
+    for shape in args.shapes:
+        in_features, out_features = parse_shape(shape)
+        rows = []
+        for k in args.ks:
+            results, floor = run_shape(in_features, out_features, k, args.tokens, args.repeats)
+            for method, (ratio, kept, trainable) in results.items():
+                rows.append([str(k), method, f"{ratio:.2f}x", f"{kept / 2**20:.1f}", f"{trainable:,}"])
+            rows.append([str(k), "(floor time)", f"{floor * 1000:.1f} ms", "", ""])
+        print(f"### layer {in_features} -> {out_features}\n")
+        print(markdown_table(["k", "method", "fwd+bwd vs frozen", "MiB kept for backward", "trainable"], rows))
+        print()
+
+
+if __name__ == "__main__":
+    main()

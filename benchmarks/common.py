@@ -1,0 +1,114 @@
+"""Shared pieces of the benchmarks: the peer methods, built on one module each, and small measuring helpers."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
+from torch import nn
+
+import neuroada
+from neuroada.selection import select_per_neuron
+
+
+class DenseCompose(nn.Module):
+    """The authors' reference forward: a dense W + S per call (kept by autograd), F.linear on it."""
+
+    def __init__(self, linear: nn.Linear, k: int):
+        super().__init__()
+        self.base = linear.requires_grad_(False)
+        columns = select_per_neuron(linear.weight.detach(), k).long()
+        rows = torch.arange(linear.out_features)[:, None] * linear.in_features
+        self.register_buffer("flat_indices", (rows + columns).reshape(-1))
+        self.delta = nn.Parameter(torch.zeros(columns.numel()))
+
+    def forward(self, x):
+        weight = self.base.weight.reshape(-1).scatter_add(0, self.flat_indices, self.delta).view_as(self.base.weight)
+        return F.linear(x, weight, self.base.bias)
+
+
+class MaskedFullFineTuning(nn.Module):
+    """Mask-based selective fine-tuning (the paper's baseline): W trainable, its gradient masked to the selection."""
+
+    def __init__(self, linear: nn.Linear, k: int):
+        super().__init__()
+        self.base = linear.requires_grad_(True)
+        columns = select_per_neuron(linear.weight.detach(), k).long()
+        mask = torch.zeros_like(linear.weight, dtype=torch.bool).scatter_(1, columns, True)
+        self.register_buffer("mask", mask)
+        linear.weight.register_hook(lambda grad: grad * self.mask)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base(x)
+
+
+def wrap_linear(method: str, linear: nn.Linear, k: int) -> nn.Module:
+    """One linear layer adapted by ``method``, with the same number of trainable entries as NeuroAda at ``k``
+    for the sparse peers."""
+    holder = nn.Sequential(linear)
+    out_features, in_features = linear.weight.shape
+    entries = out_features * k
+    if method == "frozen":
+        return holder.requires_grad_(False)
+    if method == "full":
+        return holder.requires_grad_(True)
+    if method.startswith("neuroada"):
+        backend = method.split("-", 1)[1] if "-" in method else "auto"
+        return get_peft_model(holder, neuroada.NeuroAdaConfig(k=k, target_modules=["0"], bypass_backend=backend))
+    if method == "dense-compose":
+        return DenseCompose(linear, k)
+    if method == "masked-full":
+        return MaskedFullFineTuning(linear, k)
+    if method == "supertuning":
+        sparsity = 1.0 - entries / (out_features * in_features)
+        return get_peft_model(holder, SupertuningConfig(target_modules=["0"], sparsity=sparsity))
+    if method == "shira":
+        rank = max(1, round(entries / (out_features + in_features)))
+        return get_peft_model(holder, ShiraConfig(target_modules=["0"], r=rank))
+    if method.startswith("lora"):
+        rank = int(method.removeprefix("lora-r"))
+        return get_peft_model(holder, LoraConfig(target_modules=["0"], r=rank, lora_alpha=2 * rank))
+    raise ValueError(f"unknown method {method!r}")
+
+
+def median_seconds(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bytes_kept_for_backward(fn, parameters) -> int:
+    """Bytes of the distinct tensors autograd saves while ``fn`` runs, leaving out the module's own parameters and
+    buffers (references, not copies)."""
+    own = {p.untyped_storage().data_ptr() for p in parameters}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.layout != torch.strided:  # sparse (SHiRA): count its values and indices
+            parts = [tensor._values(), tensor._indices()] if tensor.is_sparse else []
+            for part in parts:
+                kept[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
+            return tensor
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept.values())
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
