@@ -18,7 +18,7 @@ from torch import nn
 
 from common import bytes_kept_for_backward, markdown_table, median_seconds, timed, wrap_linear
 
-METHODS = ["frozen", "neuroada-gather", "neuroada-dense", "dense-compose", "supertuning", "shira", "lora-r8", "full"]
+METHODS = ["frozen", "neuroada-fused", "neuroada-gather", "neuroada-dense", "dense-compose", "supertuning", "shira", "lora-r8", "full"]
 
 
 def parse_shape(text: str) -> tuple[int, int]:

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuroada.bypass import build_pattern, choose_backend, sparse_bypass, sparse_bypass_reference
+from neuroada.bypass import (build_pattern, choose_backend, linear_with_bypass, sparse_bypass,
+                             sparse_bypass_reference)
 from neuroada.selection import select_per_neuron
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -120,8 +121,9 @@ def test_rejects_wrong_input_width_and_backend():
         sparse_bypass(torch.randn(2, 6), torch.zeros(4, 2), pattern, "triton-please")
 
 
-def test_backend_choice_follows_k_share():
-    assert choose_backend(2048, 2048, 1) == "gather"
+def test_backend_choice():
+    assert choose_backend(2048, 2048, 1, fusable=True) == "fused"
+    assert choose_backend(8, 2048, 1, fusable=True) == "gather"  # decoding: scatters would dominate
     assert choose_backend(2048, 2048, 20) == "gather"
     assert choose_backend(2048, 64, 16) == "dense"
 
@@ -135,3 +137,60 @@ def test_transposed_pattern_lists_every_entry_once():
     assert torch.equal(pattern.transposed_rows, pattern.transposed_order // 3)
     counts = torch.bincount(flat, minlength=5)
     assert torch.equal(pattern.transposed_offsets, torch.cumsum(counts, 0) - counts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    out_features=st.integers(1, 20),
+    in_features=st.integers(1, 30),
+    tokens=st.integers(0, 12),
+    weight_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    x_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    transposed_storage=st.booleans(),
+    with_bias=st.booleans(),
+    data=st.data(),
+)
+def test_fused_linear_matches_reference(out_features, in_features, tokens, weight_dtype, x_dtype, transposed_storage,
+                                        with_bias, data):
+    k = data.draw(st.integers(1, in_features))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    weight = torch.randn(out_features, in_features, generator=generator).to(weight_dtype)
+    if transposed_storage:  # Conv1D keeps [in, out]; the layer passes its transpose, a strided view
+        weight = weight.T.contiguous().T
+    bias = torch.randn(out_features, generator=generator).requires_grad_(True) if with_bias else None
+    indices = select_per_neuron(weight, k)
+    pattern = build_pattern(indices, in_features)
+    x = torch.randn(2, tokens, in_features, generator=generator).to(x_dtype).requires_grad_(True)
+    delta = torch.randn(out_features, k, generator=generator).requires_grad_(True)
+    out = linear_with_bypass(x, weight, bias, delta, pattern)
+    upstream = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad(out, [x, delta] + ([bias] if with_bias else []), upstream.to(out.dtype))
+
+    ref = x.float() @ weight.float().T + sparse_bypass_reference(x, delta, indices)
+    if with_bias:
+        ref = ref + bias
+    ref_grads = torch.autograd.grad(ref, [x, delta] + ([bias] if with_bias else []), upstream)
+    assert out.dtype == x_dtype and grads[0].dtype == x_dtype and grads[1].dtype == torch.float32
+    scale = max(1.0, in_features, tokens)
+    assert_close(out, ref, x_dtype, scale)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, x_dtype, scale)
+
+
+def test_fused_keeps_no_weight_copy():
+    weight = torch.randn(256, 128)
+    pattern = build_pattern(select_per_neuron(weight, 2), 128)
+    x = torch.randn(6, 128, requires_grad=True)
+    delta = torch.randn(256, 2, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        linear_with_bypass(x, weight, None, delta, pattern)
+    copies = [t for t in saved if t.numel() >= weight.numel() and t.data_ptr() != weight.data_ptr()]
+    assert not copies and sum(t.numel() for t in saved if t.data_ptr() != weight.data_ptr()) == x.numel() + 512
+
+
+def test_fused_refuses_a_trainable_weight():
+    weight = torch.randn(4, 6, requires_grad=True)
+    with pytest.raises(ValueError, match="frozen weight"):
+        linear_with_bypass(torch.randn(2, 6), weight, None, torch.zeros(4, 1),
+                           build_pattern(select_per_neuron(weight.detach(), 1), 6))

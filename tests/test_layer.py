@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from neuroada import NeuroAdaConfig, NeuroAdaLinear
+from neuroada import NeuroAdaConfig, NeuroAdaLinear, sparse_bypass_reference
 from neuroada.selection import select_per_neuron
 
 
@@ -25,14 +25,26 @@ def weight_as_rows(layer):
     return weight.T if layer.is_conv1d else weight
 
 
+BACKENDS = ["auto", "fused", "gather", "dense"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tokens", [3, 100])  # "auto" picks a separate bypass for 3 tokens, the fused path for 100
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_forward_is_base_plus_dense_delta(kind):
-    layer = make_layer(kind)
-    x = torch.randn(2, 5, 24)
+def test_forward_and_gradients_are_base_plus_dense_delta(kind, tokens, backend):
+    layer = make_layer(kind, bypass_backend=backend)
+    x = torch.randn(2, tokens, 24, requires_grad=True)
     adapted_weight = layer.get_base_layer().weight + layer.get_delta_weight("default")  # in the base's layout
     rows = adapted_weight.T if layer.is_conv1d else adapted_weight
     expected = x @ rows.T + layer.get_base_layer().bias
-    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    out = layer(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn(out.shape)
+    grad_x, grad_delta = torch.autograd.grad(out, (x, layer.neuroada_delta["default"]), upstream)
+    indices = layer.neuroada_indices["default"].long()
+    expected_grad_delta = (upstream.reshape(-1, 10).T @ x.detach().reshape(-1, 24)).gather(1, indices)
+    torch.testing.assert_close(grad_x, upstream @ rows.detach(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grad_delta, expected_grad_delta, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -52,11 +64,12 @@ def test_storage_dtypes(kind, dtype):
     assert layer(torch.randn(3, 300).to(dtype)).dtype == dtype
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merge_equals_unmerged_and_unmerge_restores_bits(kind, dtype):
-    layer = make_layer(kind, dtype=dtype)
-    x = torch.randn(4, 24).to(dtype)
+def test_merge_equals_unmerged_and_unmerge_restores_bits(kind, dtype, backend):
+    layer = make_layer(kind, dtype=dtype, bypass_backend=backend)
+    x = torch.randn(80, 24).to(dtype)
     original = layer.get_base_layer().weight.detach().clone()
     unmerged_out = layer(x)
     layer.merge()
@@ -76,10 +89,11 @@ def test_merge_sums_in_float32_then_casts_once():
     assert torch.equal(weight_as_rows(layer).gather(1, indices), expected)
 
 
-def test_small_delta_on_large_bf16_weight_still_changes_the_output():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_delta_on_large_bf16_weight_still_changes_the_output(backend):
     base = nn.Linear(2, 1, bias=False).to(torch.bfloat16).requires_grad_(False)
     base.weight.data = torch.tensor([[256.0, -256.0]], dtype=torch.bfloat16)
-    layer = NeuroAdaLinear(base, "default", NeuroAdaConfig(k=1))
+    layer = NeuroAdaLinear(base, "default", NeuroAdaConfig(k=1, bypass_backend=backend))
     assert torch.equal(layer.neuroada_indices["default"], torch.tensor([[0]], dtype=torch.uint8))  # tie: lower
     layer.neuroada_delta["default"].data.fill_(0.25)
     x = torch.tensor([[1.0, 1.0]], dtype=torch.bfloat16)
@@ -91,9 +105,11 @@ def test_small_delta_on_large_bf16_weight_still_changes_the_output():
     assert (x @ composed.T).item() == 0.0
 
 
-def test_saved_for_backward_holds_no_weight_copy():
-    layer = make_layer("linear", in_features=64, out_features=128, k=2)
-    x = torch.randn(3, 64, requires_grad=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_saved_for_backward_holds_no_weight_copy(kind, backend):
+    layer = make_layer(kind, in_features=64, out_features=128, k=2, bypass_backend=backend)
+    x = torch.randn(100, 64, requires_grad=True)
     weight = layer.get_base_layer().weight
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -113,3 +129,17 @@ def test_unmerge_without_merge_warns_and_changes_nothing():
 def test_k_is_capped_at_in_features():
     layer = make_layer("linear", in_features=3, k=8)
     assert layer.neuroada_delta["default"].shape == (10, 3)
+
+
+def test_fused_path_is_skipped_where_it_would_change_semantics():
+    layer = make_layer("linear", bypass_backend="fused")
+    base = layer.get_base_layer()
+    x = torch.randn(100, 24)
+    assert layer._backend_for("default", x, fusable=True) == "fused"
+    handle = base.register_forward_hook(lambda module, args, out: out * 2)
+    assert layer._backend_for("default", x, fusable=True) != "fused"  # the base layer's hook must run
+    bypass = sparse_bypass_reference(x, layer.neuroada_delta["default"], layer.neuroada_indices["default"])
+    torch.testing.assert_close(layer(x), base(x) + bypass, atol=1e-5, rtol=1e-5)  # base(x) includes the hook
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._backend_for("default", x, fusable=True) != "fused"

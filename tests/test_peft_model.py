@@ -274,3 +274,14 @@ def test_saving_nan_deltas_is_refused_and_writes_nothing(model_factory, tmp_path
     with pytest.raises(ValueError, match="NaN/inf deltas"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_backends_train_alike(model_factory):
+    tokens = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(2))  # 80 tokens: "auto" fuses
+    results = {}
+    for backend in ("auto", "fused", "gather", "dense"):
+        model = get_peft_model(model_factory(), NeuroAdaConfig(k=2, bypass_backend=backend))
+        train_steps(model, tokens)
+        results[backend] = logits(model, tokens)
+    for backend, value in results.items():
+        torch.testing.assert_close(value, results["gather"], atol=2e-4, rtol=2e-4, msg=backend)

@@ -1,18 +1,23 @@
 """The sparse bypass op: ``y = x S^T`` where row i of S holds ``delta[i, j]`` at column ``indices[i, j]``.
 
-The layer adds this to the frozen base layer's output. Autograd keeps only ``x`` (shared with whatever else keeps
-it), ``delta`` and the O(out_features * k) index structures: never a dense ``[out, in]`` copy of W or S, and there
-is no weight gradient at all. The gradient of ``delta`` is the sampled product
-``grad_delta[i, j] = sum_n grad_y[n, i] * x[n, indices[i, j]]``, computed by a chunked gather-dot.
+Autograd keeps only ``x`` (shared with whatever else keeps it), ``delta`` and the O(out_features * k) index
+structures: never a dense ``[out, in]`` copy of W or S, and there is no weight gradient at all. The gradient of
+``delta`` is the sampled product ``grad_delta[i, j] = sum_n grad_y[n, i] * x[n, indices[i, j]]`` (a CSR sampled
+matmul).
 
-Two ways to apply S (and S^T in the backward), chosen per call by :func:`choose_backend`:
+Backends, chosen per call by :func:`choose_backend` unless the config names one:
 
-- ``"gather"``: a weighted ``embedding_bag`` over the transposed activations, O(tokens * out * k). S^T uses the
-  transposed pattern (CSR by input position) that :func:`build_pattern` makes once per selection.
-- ``"dense"``: S is scattered into a temporary ``[out, in]`` matrix that lives only inside this call, then one
-  matmul. Cheaper when k is a large share of in_features.
+- ``"fused"``: the whole layer ``x (W + S)^T + b`` as one matmul on a temporary ``W + S`` that is built in the
+  forward, dropped, and built again in the backward for the input gradient. Costs two scatters of size
+  ``out * in`` on top of the frozen layer's two matmuls, which is the cheapest on CPU for fp32 weights and more
+  than a handful of tokens. Composes in float32, so a bf16/fp16 weight never rounds the delta away.
+- ``"gather"``: a weighted ``embedding_bag`` over the transposed activations, O(tokens * out * k), added to the
+  base layer's output. S^T uses the transposed pattern (CSR by input position) that :func:`build_pattern` makes
+  once per selection. For few tokens (decoding) and for bases the fused path cannot replace.
+- ``"dense"``: S scattered into a temporary ``[out, in]`` matrix inside the call, then a matmul; added to the base
+  output. For k a large share of in_features when the fused path does not apply.
 
-:func:`sparse_bypass_reference` is the plain dense implementation that the tests hold the op to.
+:func:`sparse_bypass_reference` is the plain dense implementation that the tests hold every backend to.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "gather", "dense")
+BACKENDS = ("auto", "fused", "gather", "dense")
+
+# Below this many tokens the fused path's two O(out * in) scatters cost more than the matmuls they ride on.
+_FUSED_MIN_TOKENS = 64
 
 # The sampled product below builds a CSR tensor on every backward; PyTorch warns about CSR's beta status each time.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -52,10 +60,13 @@ def build_pattern(indices: torch.Tensor, in_features: int) -> SparsePattern:
     return SparsePattern(columns, order // k, order, offsets, row_offsets, in_features)
 
 
-def choose_backend(tokens: int, in_features: int, k: int) -> str:
-    """Dense pays O(out * in) to scatter S plus a matmul at BLAS speed; gather pays O(tokens * out * k) at memory
-    speed. Dense wins when k is a large share of in_features (measured on CPU: the crossover is near k = in / 8)."""
-    del tokens  # both costs scale with the token count; the crossover does not depend on it
+def choose_backend(tokens: int, in_features: int, k: int, fusable: bool = False) -> str:
+    """The backend for one call. ``fusable``: the caller can replace its base layer's matmul by the fused one
+    (a plain float32 linear layer). Measured on CPU (benchmarks/bench_layer.py): fused beats adding a separate
+    bypass for every k once there are a few dozen tokens; among the separate bypasses, dense S wins when k is a
+    large share of in_features (crossover near k = in / 8)."""
+    if fusable and tokens >= _FUSED_MIN_TOKENS:
+        return "fused"
     return "dense" if 8 * k >= in_features else "gather"
 
 
@@ -69,7 +80,21 @@ def sparse_bypass(
         raise ValueError(f"unknown bypass backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
         backend = choose_backend(x.numel() // max(x.shape[-1], 1), pattern.in_features, delta.shape[1])
+    if backend == "fused":
+        raise ValueError("the fused backend replaces the whole layer: call linear_with_bypass")
     return _SparseBypass.apply(x, delta, pattern, backend)
+
+
+def linear_with_bypass(
+    x: torch.Tensor, weight_rows: torch.Tensor, bias: torch.Tensor | None, delta: torch.Tensor, pattern: SparsePattern
+) -> torch.Tensor:
+    """``x (W + S)^T + b`` for a frozen ``weight_rows`` ([out, in], any strides), in x's dtype. W and b get no
+    gradient (b does if it requires one); autograd keeps x, delta and references to W and b, no copy of W."""
+    if x.shape[-1] != pattern.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the adapted layer expects {pattern.in_features}")
+    if weight_rows.requires_grad:
+        raise ValueError("linear_with_bypass needs a frozen weight; it computes no weight gradient")
+    return _FusedLinearBypass.apply(x, weight_rows, bias, delta, pattern)
 
 
 def sparse_bypass_reference(x: torch.Tensor, delta: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -114,6 +139,43 @@ class _SparseBypass(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_delta = _sampled_product(grad_t, _transposed_f32(x2d), pattern).to(delta.dtype)
         return grad_x, grad_delta, None, None
+
+
+class _FusedLinearBypass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight_rows, bias, delta, pattern):
+        x2d = x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            composed = _composed_weight(weight_rows, delta, pattern)
+            out = F.linear(x2d.to(composed.dtype), composed, None if bias is None else bias.to(composed.dtype))
+        ctx.save_for_backward(x, weight_rows, delta)
+        ctx.pattern = pattern
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.to(x.dtype).reshape(*x.shape[:-1], delta.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight_rows, delta = ctx.saved_tensors
+        grad2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_delta = grad_bias = None
+        with torch.autocast(x.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                composed = _composed_weight(weight_rows, delta, ctx.pattern)
+                grad_x = (grad2d.to(composed.dtype) @ composed).to(x.dtype).reshape(x.shape)
+            if ctx.needs_input_grad[3]:
+                x_t = _transposed_f32(x.reshape(-1, x.shape[-1]))
+                grad_delta = _sampled_product(_transposed_f32(grad2d), x_t, ctx.pattern).to(delta.dtype)
+            if ctx.bias_needs_grad:
+                grad_bias = grad2d.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, grad_delta, None
+
+
+def _composed_weight(weight_rows: torch.Tensor, delta: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """A temporary ``W + S``, in float32 unless W is float32 already (then in W's own, contiguous, layout)."""
+    composed = weight_rows.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+    return composed.scatter_add_(1, pattern.columns, delta.float())
 
 
 def _transposed_f32(matrix: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,10 @@ class NeuroAdaConfig(PeftConfig):
             the deltas only and the indices are recomputed from the base weights at load time; the load then checks
             each layer's recomputed selection against a fingerprint and refuses a base whose selection differs.
         bypass_backend (`str`):
-            How the sparse bypass is computed: ``"auto"`` (default; chosen per call from the layer shape and k),
-            ``"gather"`` (sparse kernels, O(tokens * out * k)) or ``"dense"`` (a temporary dense S per call).
+            How the sparse bypass is computed: ``"auto"`` (default; chosen per call from device, dtype, shape, k and
+            token count), ``"fused"`` (one matmul on a temporary ``W + S`` that autograd does not keep; used where
+            the base is a plain frozen layer, else the best of the others), ``"gather"`` (sparse kernels,
+            O(tokens * out * k), added to the base output) or ``"dense"`` (a temporary dense S, added likewise).
         selection_fingerprints (`Optional[dict[str, str]]`):
             Written by ``save_pretrained``: a short hash of each layer's selection, used at load time to detect an
             adapter loaded on other base weights. Leave it unset.

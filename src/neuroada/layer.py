@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bypass import SparsePattern, build_pattern, sparse_bypass
+from .bypass import SparsePattern, build_pattern, choose_backend, linear_with_bypass, sparse_bypass
 from .config import NeuroAdaConfig
 from .selection import layer_seed, select_per_neuron
 
@@ -135,14 +135,38 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
-        for name in self.active_adapters:
-            if name in self.neuroada_delta:
-                bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), self.bypass_backend[name])
-                result = result + bypass.to(result.dtype)
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.neuroada_delta]
+        backends = {name: self._backend_for(name, x, fusable=len(active) == 1 and not args and not kwargs)
+                    for name in active}
+        if len(active) == 1 and backends[active[0]] == "fused":
+            base = self.get_base_layer()
+            weight_rows = base.weight.T if self.is_conv1d else base.weight
+            return linear_with_bypass(x, weight_rows, base.bias, self.neuroada_delta[active[0]], self.pattern(active[0]))
+        result = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), backends[name])
+            result = result + bypass.to(result.dtype)
         return result
+
+    def _backend_for(self, adapter_name: str, x: torch.Tensor, fusable: bool) -> str:
+        """The configured backend, or for "auto" the cheapest one that is exact for this call. The fused path
+        replaces the base layer's own forward, so it needs a plain float32 frozen weight, no hooks on the base
+        layer and no autocast (which would run the base matmul in low precision)."""
+        backend = self.bypass_backend[adapter_name]
+        base = self.get_base_layer()
+        fusable = (
+            fusable
+            and base.weight.dtype == torch.float32
+            and not base.weight.requires_grad
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+        if backend == "auto" or (backend == "fused" and not fusable):  # "fused" where it applies, else the best other
+            tokens = x.numel() // max(x.shape[-1], 1)
+            return choose_backend(tokens, self.in_features, self.neuroada_delta[adapter_name].shape[1], fusable)
+        return backend
 
     def __repr__(self) -> str:
         return "neuroada." + super().__repr__()
