@@ -5,7 +5,7 @@
 """
 
 from . import _peft_integration
-from .bypass import build_pattern, sparse_bypass, sparse_bypass_reference
+from .bypass import build_pattern, linear_with_bypass, sparse_bypass, sparse_bypass_reference
 from .config import NeuroAdaConfig
 from .layer import NeuroAdaLayer, NeuroAdaLinear
 from .model import AdapterLoadError, NeuroAdaModel
@@ -23,6 +23,7 @@ __all__ = [
     "NeuroAdaModel",
     "build_pattern",
     "index_dtype_for",
+    "linear_with_bypass",
     "select_per_neuron",
     "selection_fingerprint",
     "sparse_bypass",
