@@ -1,8 +1,6 @@
 """NeuroAda through PEFT's public API on tiny random Llama and GPT-2 models."""
 
 import json
-import os
-import warnings
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from neuroada import AdapterLoadError, NeuroAdaConfig, NeuroAdaLayer
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_llama
 
 
 def train_steps(model, tokens, steps=3, lr=5e-2):
@@ -231,11 +229,10 @@ def test_adapter_without_indices_on_other_weights_is_refused(tmp_path, tokens):
     assert_unchanged(other, before)
 
 
-def test_adapter_with_indices_on_other_weights_warns_and_uses_stored_indices(trained, tokens):
+def test_adapter_with_indices_on_other_weights_warns_and_uses_stored_indices(trained, model_factory):
     model, _, path = trained
     with pytest.warns(UserWarning, match="not the base the adapter was trained on"):
-        loaded = PeftModel.from_pretrained(tiny_llama(seed=5) if "llama" in type(model.base_model.model).__name__.lower()
-                                           else tiny_gpt2(seed=5), path)
+        loaded = PeftModel.from_pretrained(model_factory(seed=5), path)
     for original, restored in zip(neuroada_layers(model), neuroada_layers(loaded)):
         assert torch.equal(original.neuroada_indices["default"], restored.neuroada_indices["default"])
 

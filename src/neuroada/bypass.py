@@ -112,7 +112,7 @@ class _SparseBypass(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
             if backend == "dense":
-                out = x2d.float() @ _dense_matrix(delta, pattern).T
+                out = x2d.float() @ dense_matrix(delta, pattern).T
             else:
                 out = F.embedding_bag(pattern.columns, _transposed_f32(x2d), per_sample_weights=delta.float(),
                                       mode="sum").T
@@ -132,14 +132,14 @@ class _SparseBypass(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 if backend == "dense":
-                    grad_x2d = grad_t.T @ _dense_matrix(delta, pattern)
+                    grad_x2d = grad_t.T @ dense_matrix(delta, pattern)
                 else:
                     weights = delta.float().reshape(-1)[pattern.transposed_order]
                     grad_x2d = F.embedding_bag(pattern.transposed_rows, grad_t, pattern.transposed_offsets,
                                                per_sample_weights=weights, mode="sum").T
                 grad_x = grad_x2d.to(x.dtype).reshape(x.shape)
             if ctx.needs_input_grad[1]:
-                grad_delta = _sampled_product(grad_t, _transposed_f32(x2d), pattern).to(delta.dtype)
+                grad_delta = _sampled_product(grad_t, x2d, pattern).to(delta.dtype)
         return grad_x, grad_delta, None, None
 
 
@@ -167,15 +167,15 @@ class _FusedLinearBypass(torch.autograd.Function):
                 composed = _composed_weight(weight_rows, delta, ctx.pattern)
                 grad_x = (grad2d.to(composed.dtype) @ composed).to(x.dtype).reshape(x.shape)
             if ctx.needs_input_grad[3]:
-                x_t = _transposed_f32(x.reshape(-1, x.shape[-1]))
-                grad_delta = _sampled_product(_transposed_f32(grad2d), x_t, ctx.pattern).to(delta.dtype)
+                x2d = x.reshape(-1, x.shape[-1])
+                grad_delta = _sampled_product(_transposed_f32(grad2d), x2d, ctx.pattern).to(delta.dtype)
             if ctx.bias_needs_grad:
                 grad_bias = grad2d.float().sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, grad_delta, None
 
 
 def _composed_weight(weight_rows: torch.Tensor, delta: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-    """A temporary ``W + S``, in float32 unless W is float32 already (then in W's own, contiguous, layout)."""
+    """A temporary ``W + S``: a contiguous float32 copy of W with the deltas scattered in."""
     composed = weight_rows.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
     return composed.scatter_add_(1, pattern.columns, delta.float())
 
@@ -191,15 +191,18 @@ def _transposed_f32(matrix: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _dense_matrix(delta: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+def dense_matrix(delta: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """S as a float32 ``[out, in]`` matrix (for the dense backend and for inspecting an adapter)."""
     dense = torch.zeros(delta.shape[0], pattern.in_features, dtype=torch.float32, device=delta.device)
     return dense.scatter_(1, pattern.columns, delta.float())
 
 
-def _sampled_product(grad_t: torch.Tensor, x_t: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-    """``out[i, j] = grad_t[i] . x_t[columns[i, j]]``: the product ``grad_t @ x_t.T`` evaluated only at the selected
-    entries, as a CSR sampled matmul (columns are sorted within each row, as CSR requires). Both operands are
-    row-major over tokens, the layout the CPU kernel runs fastest on (about 15x faster than strided operands)."""
+def _sampled_product(grad_t: torch.Tensor, x2d: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """``out[i, j] = sum_n grad_t[i, n] * x2d[n, columns[i, j]]``: the product ``grad_t @ x2d`` evaluated only at
+    the selected entries, as a CSR sampled matmul (columns are sorted within each row, as CSR requires). Both
+    operands go in row-major over tokens, the layout the CPU kernel runs fastest on (about 15x faster than
+    strided operands), so x is transposed here."""
+    x_t = _transposed_f32(x2d)
     out_features, k = pattern.columns.shape
     sampled = torch.sparse_csr_tensor(
         pattern.row_offsets,

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bypass import SparsePattern, build_pattern, choose_backend, linear_with_bypass, sparse_bypass
+from .bypass import SparsePattern, build_pattern, choose_backend, dense_matrix, linear_with_bypass, sparse_bypass
 from .config import NeuroAdaConfig
 from .selection import layer_seed, select_per_neuron
 
@@ -86,9 +86,7 @@ class NeuroAdaLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter as a dense matrix shaped like the base weight (float32)."""
-        indices = self.neuroada_indices[adapter_name].long()
-        dense = torch.zeros(self.out_features, self.in_features, device=indices.device)
-        dense.scatter_(1, indices, self.neuroada_delta[adapter_name].detach().float())
+        dense = dense_matrix(self.neuroada_delta[adapter_name].detach(), self.pattern(adapter_name))
         return dense.T if self.is_conv1d else dense
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

@@ -10,7 +10,6 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import _get_submodules
 from torch import nn
 
-from .config import NeuroAdaConfig
 from .layer import NeuroAdaLayer, NeuroAdaLinear, supports
 from .selection import selection_fingerprint
 
