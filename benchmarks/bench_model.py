@@ -52,9 +52,10 @@ def adapt(model, method: str):
         return model
     if method == "full":
         return model
-    if method.startswith("neuroada"):
-        k = int(method.split("-k")[1])
-        return get_peft_model(model, neuroada.NeuroAdaConfig(k=k, target_modules=PROJECTIONS))
+    if method.startswith("neuroada"):  # neuroada-k<k>[-<backend>]
+        k, _, backend = method.split("-k")[1].partition("-")
+        config = neuroada.NeuroAdaConfig(k=int(k), target_modules=PROJECTIONS, bypass_backend=backend or "auto")
+        return get_peft_model(model, config)
     if method == "lora-r8":
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS))
     linears = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTIONS]

@@ -1,7 +1,12 @@
+import os
 import warnings
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Run the Triton kernels in Triton's CPU interpreter; must be set before neuroada defines them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import neuroada  # noqa: F401  (registers NeuroAda with PEFT)

@@ -109,8 +109,10 @@ def test_keeps_only_input_and_delta_for_backward(backend):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         sparse_bypass(x, delta, pattern, backend)
-    assert sum(t.numel() for t in saved) == x.numel() + delta.numel()
-    assert all(t.numel() < out_features * in_features for t in saved)
+    floats = [t for t in saved if t.is_floating_point()]
+    assert sum(t.numel() for t in floats) == x.numel() + delta.numel()
+    # besides x and delta only the selection's index layouts, each O(out * k) or O(in)
+    assert all(t.numel() <= max(out_features * k, in_features) + 1 for t in saved if not t.is_floating_point())
 
 
 def test_rejects_wrong_input_width_and_backend():
@@ -122,10 +124,11 @@ def test_rejects_wrong_input_width_and_backend():
 
 
 def test_backend_choice():
-    assert choose_backend(2048, 2048, 1, fusable=True) == "fused"
-    assert choose_backend(8, 2048, 1, fusable=True) == "gather"  # decoding: scatters would dominate
-    assert choose_backend(2048, 2048, 20) == "gather"
-    assert choose_backend(2048, 64, 16) == "dense"
+    cpu = torch.device("cpu")
+    assert choose_backend(2048, 2048, 1, cpu, fusable=True) == "fused"
+    assert choose_backend(8, 2048, 1, cpu, fusable=True) == "gather"  # decoding: copies of W would dominate
+    assert choose_backend(2048, 2048, 20, cpu) == "gather"
+    assert choose_backend(2048, 64, 16, cpu) == "dense"
 
 
 def test_transposed_pattern_lists_every_entry_once():
@@ -136,7 +139,7 @@ def test_transposed_pattern_lists_every_entry_once():
     assert torch.equal(flat[pattern.transposed_order], torch.sort(flat, stable=True).values)
     assert torch.equal(pattern.transposed_rows, pattern.transposed_order // 3)
     counts = torch.bincount(flat, minlength=5)
-    assert torch.equal(pattern.transposed_offsets, torch.cumsum(counts, 0) - counts)
+    assert torch.equal(pattern.transposed_offsets, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
 
 
 @settings(max_examples=40, deadline=None)
@@ -186,7 +189,8 @@ def test_fused_keeps_no_weight_copy():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         linear_with_bypass(x, weight, None, delta, pattern)
     copies = [t for t in saved if t.numel() >= weight.numel() and t.data_ptr() != weight.data_ptr()]
-    assert not copies and sum(t.numel() for t in saved if t.data_ptr() != weight.data_ptr()) == x.numel() + 512
+    floats = [t for t in saved if t.is_floating_point() and t.data_ptr() != weight.data_ptr()]
+    assert not copies and sum(t.numel() for t in floats) == x.numel() + 512
 
 
 def test_fused_refuses_a_trainable_weight():

@@ -237,6 +237,18 @@ def test_adapter_with_indices_on_other_weights_warns_and_uses_stored_indices(tra
         assert torch.equal(original.neuroada_indices["default"], restored.neuroada_indices["default"])
 
 
+def test_loading_indices_into_a_used_layer_updates_what_the_op_uses(trained, model_factory, tokens):
+    from peft import set_peft_model_state_dict
+
+    model, _, path = trained
+    other = get_peft_model(model_factory(seed=5), NeuroAdaConfig(k=2))
+    logits(other, tokens)  # builds the op's index layouts from this base's own selection
+    with pytest.warns(UserWarning, match="not the base the adapter was trained on"):
+        set_peft_model_state_dict(other, load_file(path / "adapter_model.safetensors"))
+    for original, restored in zip(neuroada_layers(model), neuroada_layers(other)):
+        assert torch.equal(restored.pattern("default").columns, original.neuroada_indices["default"].long())
+
+
 def test_indices_that_disagree_with_the_config_fingerprint_are_refused(trained, model_factory):
     _, _, path = trained
     file = path / "adapter_model.safetensors"
@@ -274,7 +286,7 @@ def test_saving_nan_deltas_is_refused_and_writes_nothing(model_factory, tmp_path
 
 
 def test_backends_train_alike(model_factory):
-    tokens = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(2))  # 80 tokens: "auto" fuses
+    tokens = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(2))
     results = {}
     for backend in ("auto", "fused", "gather", "dense"):
         model = get_peft_model(model_factory(), NeuroAdaConfig(k=2, bypass_backend=backend))

@@ -43,7 +43,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         # Original weight entries at the selected positions, kept while an adapter is merged so that unmerge
         # restores the base weight bit for bit (subtracting delta again would not, in bf16).
         self._merged_originals: dict[str, torch.Tensor] = {}
-        self._patterns: dict[str, tuple[tuple, SparsePattern]] = {}
+        self._patterns: dict[str, SparsePattern] = {}
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -71,22 +71,27 @@ class NeuroAdaLayer(BaseTunerLayer):
             delta = torch.randn(self.out_features, k, dtype=torch.float32, device=rows.device) * 0.02
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
         self.neuroada_indices[adapter_name] = indices
+        self._patterns.pop(adapter_name, None)
         self.bypass_backend[adapter_name] = config.bypass_backend
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def pattern(self, adapter_name: str) -> SparsePattern:
-        """The op's index layouts, rebuilt only when the indices buffer changed (e.g. loaded in place)."""
+        """The op's index layouts, built once per selection. Loading indices into the buffer (load_state_dict)
+        drops them, see :meth:`_forget_patterns`; a move to another device rebuilds them there."""
+        pattern = self._patterns.get(adapter_name)
         indices = self.neuroada_indices[adapter_name]
-        key = (indices.data_ptr(), indices._version, indices.device)
-        cached = self._patterns.get(adapter_name)
-        if cached is None or cached[0] != key:
-            cached = (key, build_pattern(indices, self.in_features))
-            self._patterns[adapter_name] = cached
-        return cached[1]
+        if pattern is None or pattern.columns.device != indices.device:
+            pattern = self._patterns[adapter_name] = build_pattern(indices, self.in_features)
+        return pattern
+
+    @staticmethod
+    def _forget_patterns(module, incompatible_keys) -> None:
+        module._patterns.clear()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter as a dense matrix shaped like the base weight (float32)."""
-        dense = dense_matrix(self.neuroada_delta[adapter_name].detach(), self.pattern(adapter_name))
+        dense = dense_matrix(self.neuroada_delta[adapter_name].detach(), self.pattern(adapter_name).columns,
+                             self.in_features)
         return dense.T if self.is_conv1d else dense
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -125,6 +130,7 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NeuroAdaConfig, module_name: str = ""):
         super().__init__()
         NeuroAdaLayer.__init__(self, base_layer)
+        self.register_load_state_dict_post_hook(NeuroAdaLayer._forget_patterns)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
@@ -163,7 +169,8 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         )
         if backend == "auto" or (backend == "fused" and not fusable):  # "fused" where it applies, else the best other
             tokens = x.numel() // max(x.shape[-1], 1)
-            return choose_backend(tokens, self.in_features, self.neuroada_delta[adapter_name].shape[1], fusable)
+            k = self.neuroada_delta[adapter_name].shape[1]
+            return choose_backend(tokens, self.in_features, k, x.device, fusable)
         return backend
 
     def __repr__(self) -> str:
