@@ -1,0 +1,142 @@
+"""The two task kinds of the recipes: sequence classification and instruction tuning of a causal LM.
+
+Each task turns raw records into model inputs and evaluates a model on held-out records:
+- classification: accuracy (and macro F1, or Matthews correlation for CoLA-like metrics) from one forward pass;
+- instruction: the prompt of the paper's math_10k / commonsense_170k scripts, loss on the response tokens only,
+  evaluation by greedy generation and answer extraction (the last number, or an option label).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
+    "### Response:\n"
+)
+OPTION_LABEL = re.compile(r"\b(?:answer|option|solution)?\s*([A-E]|[1-5]|true|false)\b", re.IGNORECASE)
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+# --------------------------------------------------------------------------------------------------- classification
+
+
+def encode_classification(batch, tokenizer, text_column, text_pair_column, max_length):
+    texts = [str(t) for t in batch[text_column]]
+    pairs = [str(t) for t in batch[text_pair_column]] if text_pair_column else None
+    return tokenizer(texts, pairs, truncation=True, max_length=max_length)
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro F1 and Matthews correlation of class predictions."""
+    classes = np.unique(np.concatenate([labels, predictions]))
+    f1s = []
+    for c in classes:
+        tp = np.sum((predictions == c) & (labels == c))
+        precision = tp / max(np.sum(predictions == c), 1)
+        recall = tp / max(np.sum(labels == c), 1)
+        f1s.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+    return {
+        "accuracy": float(np.mean(predictions == labels)),
+        "f1": float(np.mean(f1s)),
+        "matthews": _matthews(predictions, labels, classes),
+    }
+
+
+def _matthews(predictions, labels, classes) -> float:
+    confusion = np.array([[np.sum((labels == a) & (predictions == b)) for b in classes] for a in classes], float)
+    t, p, c, s = confusion.sum(1), confusion.sum(0), np.trace(confusion), confusion.sum()
+    denominator = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+    return float((c * s - t @ p) / denominator) if denominator else 0.0
+
+
+@torch.no_grad()
+def evaluate_classifier(model, dataset, collator, batch_size: int = 64, desc: str = "evaluating") -> dict[str, float]:
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    predictions, labels = [], []
+    device = next(model.parameters()).device
+    for batch in tqdm(loader, desc=desc, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels.append(batch.pop("labels").cpu().numpy())
+        predictions.append(model(**batch).logits.argmax(-1).cpu().numpy())
+    return classification_metrics(np.concatenate(predictions), np.concatenate(labels))
+
+
+# ------------------------------------------------------------------------------------------------------ instruction
+
+
+def prompt_for(record) -> str:
+    if record.get("input"):
+        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return PROMPT.format(instruction=record["instruction"])
+
+
+def encode_instruction(record, tokenizer, max_length):
+    """Prompt + response + EOS; labels are -100 on the prompt, so the loss covers the response only."""
+    prompt = tokenizer(prompt_for(record), add_special_tokens=False)["input_ids"]
+    response = tokenizer(str(record["output"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt + response)[:max_length]
+    labels = ([-100] * len(prompt) + response)[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def extract_answer(text: str, kind: str) -> str | None:
+    """The answer a generation gives: the last number (``kind="number"``) or the first option label."""
+    if kind == "number":
+        numbers = NUMBER.findall(text)
+        if not numbers:
+            return None
+        value = float(numbers[-1].replace(",", ""))
+        return str(int(value)) if value.is_integer() else str(value)
+    match = OPTION_LABEL.search(text)
+    return match.group(1).lower() if match else None
+
+
+def answers_match(predicted: str | None, expected: str, kind: str) -> bool:
+    if predicted is None:
+        return False
+    if kind == "number":
+        try:
+            return abs(float(predicted) - float(str(expected).replace(",", ""))) < 1e-6
+        except ValueError:
+            return False
+    return predicted == str(expected).strip().lower()
+
+
+@torch.no_grad()
+def evaluate_generation(model, tokenizer, records, answer_kind: str, batch_size: int = 16,
+                        max_new_tokens: int = 16, desc: str = "generating") -> dict:
+    """Exact match of the extracted answer by greedy decoding; also returns a few examples for the report."""
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
+    device = next(model.parameters()).device
+    correct, examples = 0, []
+    try:
+        for start in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
+            chunk = records[start : start + batch_size]
+            inputs = tokenizer([prompt_for(r) for r in chunk], return_tensors="pt", padding=True,
+                               add_special_tokens=False, return_token_type_ids=False).to(device)
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for record, text in zip(chunk, texts):
+                predicted = extract_answer(text, answer_kind)
+                hit = answers_match(predicted, record["answer"], answer_kind)
+                correct += hit
+                if len(examples) < 5:
+                    examples.append({"question": record["instruction"], "generated": text.strip(),
+                                     "expected": record["answer"], "correct": hit})
+    finally:
+        tokenizer.padding_side = padding_side
+    return {"exact_match": correct / max(len(records), 1), "examples": examples}
