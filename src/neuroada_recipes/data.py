@@ -83,10 +83,34 @@ def arithmetic_records(name: str, size: int, seed: int) -> Dataset:
         options = dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2, operators=("+", "-", "*"),
                        allow_parentheses=False, allow_negation=False)
     problems = reasoning_gym.create_dataset(name, size=size, seed=seed, **options)
-    return Dataset.from_list([
-        {"instruction": p["question"], "input": "", "output": str(p["answer"]), "answer": str(p["answer"])}
-        for p in problems
-    ])
+    records = []
+    for problem in problems:
+        answer = str(problem["answer"])
+        if name == "basic_arithmetic":
+            # reasoning-gym 0.1.25 answers some problems without operator precedence ("3 + 2 * 3" -> 15);
+            # recompute from the expression with the usual rules
+            answer = str(_evaluate(problem["metadata"]["expression"]))
+        records.append({"instruction": problem["question"], "input": "", "output": answer, "answer": answer})
+    return Dataset.from_list(records)
+
+
+def _evaluate(expression: str) -> int:
+    """Integer arithmetic with + - * and the usual precedence, without eval()."""
+    import ast
+    import operator
+
+    operations = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+    def walk(node):
+        if isinstance(node, ast.BinOp) and type(node.op) in operations:
+            return operations[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        raise DataError(f"unexpected arithmetic expression {expression!r}")
+
+    return walk(ast.parse(expression, mode="eval").body)
 
 
 def require_columns(table: Dataset, columns: list[str], source: str) -> None:
