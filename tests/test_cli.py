@@ -176,3 +176,22 @@ def test_offline_default_recipe_runs_on_real_minilm(tmp_path, capsys):
     assert metrics["test_examples"] == 64 and metrics["train_examples"] == 96
     assert metrics["trainable_parameters"] == 22_275  # 37 layers' deltas at k=1 + the 3-class head
     assert "minilm-sentiment" in capsys.readouterr().out
+
+
+def test_hub_dataset_with_glue_columns_and_validation_split(tmp_path, tiny_bert, monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    def fake_hub(source, **kwargs):  # what load_dataset("glue", "mrpc") returns, without the hub
+        assert source == "glue/mrpc"
+        rows = lambda n: Dataset.from_dict({"sentence1": [f"a {i}" for i in range(n)],  # noqa: E731
+                                            "sentence2": [f"b {i}" for i in range(n)], "label": [i % 2 for i in range(n)]})
+        return DatasetDict(train=rows(32), validation=rows(12), test=rows(12).map(lambda r: {"label": -1}))
+
+    monkeypatch.setattr("neuroada_recipes.data.load_table", fake_hub)
+    run = tmp_path / "run"
+    assert main(["train", "--model", tiny_bert, "--data", "glue/mrpc", "--max_length", "16"] + common_flags(run)) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_examples"] == 12 and metrics["train_examples"] == 32  # validation, not the unlabelled test
+    info = json.loads((run / "adapter" / "neuroada_run.json").read_text())
+    assert info["task"]["text_column"] == "sentence1" and info["task"]["text_pair_column"] == "sentence2"
+    assert info["labels"] == ["0", "1"]

@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 from transformers import HfArgumentParser, TrainingArguments
 
-from .data import DataError
+from .data import GLUE_TASKS, DataError
 from .models import ModelError
 from .recipes import DEFAULT_RECIPE, RECIPES
 
@@ -250,6 +250,11 @@ class TaskRun:
         self.classification = task.task == "classification"
         self.peft_task_type = "SEQ_CLS" if self.classification else "CAUSAL_LM"
         self.metric_name = "accuracy" if self.classification else "exact_match"
+        glue = GLUE_TASKS.get(task.data.removeprefix("glue/")) if task.data and task.data.startswith("glue/") else None
+        if glue and self.classification:
+            if task.text_column == "text":  # not named by the user: GLUE's own columns
+                task.text_column, task.text_pair_column = glue[0], glue[1]
+            self.metric_name = glue[2][0]
         if self.classification:
             from transformers import DataCollatorWithPadding
 
@@ -269,9 +274,9 @@ class TaskRun:
             splits = self._generated_splits(seed)
         else:
             table = load_table(task.data)
-            if hasattr(table, "keys"):  # a hub data set with its own splits
-                test_name = "validation" if "validation" in table else "test"
-                splits = _Splits(table["train"], table[test_name])
+            if hasattr(table, "keys"):  # a hub data set with its own splits; test labels are often hidden
+                held_out = [name for name in table if name.startswith("validation")] or ["test"]
+                splits = _Splits(table["train"], table[held_out[0]])
                 if task.train_size:
                     splits.train = splits.train.shuffle(seed=seed).select(range(min(task.train_size,
                                                                                    len(splits.train))))
