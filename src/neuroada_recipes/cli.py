@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 from transformers import HfArgumentParser, TrainingArguments
 
-from .data import GLUE_TASKS, DataError
+from .data import GLUE_TASKS, DataError, Splits
 from .models import ModelError
 from .recipes import DEFAULT_RECIPE, RECIPES
 
@@ -276,7 +276,7 @@ class TaskRun:
             table = load_table(task.data)
             if hasattr(table, "keys"):  # a hub data set with its own splits; test labels are often hidden
                 held_out = [name for name in table if name.startswith("validation")] or ["test"]
-                splits = _Splits(table["train"], table[held_out[0]])
+                splits = Splits(table["train"], table[held_out[0]])
                 if task.train_size:
                     splits.train = splits.train.shuffle(seed=seed).select(range(min(task.train_size,
                                                                                    len(splits.train))))
@@ -314,7 +314,7 @@ class TaskRun:
         train = load_table(self.task.data, seed=seed, size=self.task.train_size or 2000)
         held_out = set(test["instruction"])
         train = train.filter(lambda r: r["instruction"] not in held_out)  # the problem pool repeats itself
-        return _Splits(train, test)
+        return Splits(train, test)
 
     def _with_label_ids(self, split):
         values = [str(v) for v in split[self.task.label_column]]
@@ -361,12 +361,6 @@ class TaskRun:
 
     def info(self) -> dict:
         return {"task": asdict(self.task), "labels": self.labels}
-
-
-@dataclass
-class _Splits:
-    train: object
-    test: object
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
