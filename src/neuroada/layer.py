@@ -9,6 +9,7 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from .bypass import SparsePattern, build_pattern, choose_backend, dense_matrix, linear_with_bypass, sparse_bypass
@@ -61,9 +62,17 @@ class NeuroAdaLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight.data
         return weight.T if self.is_conv1d else weight
 
+    def full_weight_rows(self) -> torch.Tensor:
+        """The whole base weight as ``[out_features, in_features]``, gathered first when it is sharded (a DTensor,
+        as under FSDP2 / tensor parallelism), so that selection sees every input of every neuron."""
+        weight = self.get_base_layer().weight.detach()
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+        return weight.T if self.is_conv1d else weight
+
     def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
         k = min(config.k, self.in_features)
-        rows = self.weight_rows()
+        rows = self.full_weight_rows()
         indices = select_per_neuron(rows, k, config.selection, seed=layer_seed(config.seed, module_name))
         if config.init_weights:
             delta = torch.zeros(self.out_features, k, dtype=torch.float32, device=rows.device)
