@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
+from . import quantized
 from .bypass import SparsePattern, build_pattern, choose_backend, dense_matrix, linear_with_bypass, sparse_bypass
 from .config import NeuroAdaConfig
 from .selection import layer_seed, select_per_neuron
@@ -52,6 +53,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         if not supports(base):
             raise TypeError(f"NeuroAda adapts nn.Linear and transformers Conv1D layers, not {type(base).__name__}")
         self.is_conv1d = isinstance(base, Conv1D)
+        self.quantization = quantized.kind(base)  # "4bit" / "8bit" (bitsandbytes) or None
         if self.is_conv1d:
             self.in_features, self.out_features = base.weight.shape
         else:
@@ -65,6 +67,8 @@ class NeuroAdaLayer(BaseTunerLayer):
     def full_weight_rows(self) -> torch.Tensor:
         """The whole base weight as ``[out_features, in_features]``, gathered first when it is sharded (a DTensor,
         as under FSDP2 / tensor parallelism), so that selection sees every input of every neuron."""
+        if self.quantization:
+            return quantized.dequantized_weight(self.get_base_layer())
         weight = self.get_base_layer().weight.detach()
         if isinstance(weight, DTensor):
             weight = weight.full_tensor()
@@ -106,6 +110,9 @@ class NeuroAdaLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """W[i, idx[i, j]] += delta[i, j] in one scatter per adapter, summed in float32, cast once to W's dtype."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        if self.quantization:
+            self._merge_quantized(adapter_names, safe_merge)
+            return
         rows = self.weight_rows()
         for name in adapter_names:
             if name not in self.neuroada_delta:
@@ -119,9 +126,30 @@ class NeuroAdaLayer(BaseTunerLayer):
             self._merged_originals[name] = original
             self.merged_adapters.append(name)
 
+    def _merge_quantized(self, adapter_names: list[str], safe_merge: bool, sign: float = 1.0) -> None:
+        """Dequantise, add (or with ``sign=-1`` subtract) the deltas in float32, quantize again."""
+        warnings.warn(
+            f"merging NeuroAda deltas into a bitsandbytes {self.quantization} layer rounds the merged weight to the "
+            "quantization grid again: deltas smaller than its step are lost, and unmerge cannot restore the "
+            "original bits. Merge into an unquantized copy of the base model to keep them."
+        )
+        weight = quantized.dequantized_weight(self.get_base_layer())
+        for name in adapter_names:
+            if name in self.neuroada_delta:
+                weight.scatter_add_(1, self.neuroada_indices[name].long(), sign * self.neuroada_delta[name].detach())
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"merging {adapter_names} would put NaN/inf into the weight; the adapter is broken")
+        quantized.store_weight(self.get_base_layer(), weight)
+        if sign > 0:
+            self.merged_adapters.extend(n for n in adapter_names if n in self.neuroada_delta)
+
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("NeuroAda layer is not merged; nothing to unmerge.")
+            return
+        if self.quantization:
+            self._merge_quantized(list(reversed(self.merged_adapters)), safe_merge=False, sign=-1.0)
+            self.merged_adapters.clear()
             return
         rows = self.weight_rows()
         while self.merged_adapters:

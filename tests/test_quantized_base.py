@@ -1,0 +1,69 @@
+"""bitsandbytes 4-bit and 8-bit base layers (bitsandbytes runs them on CPU)."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from neuroada import NeuroAdaConfig, NeuroAdaLayer, NeuroAdaLinear, select_per_neuron, sparse_bypass_reference
+from neuroada.quantized import dequantized_weight
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+
+
+def quantized_linear(bits, in_features=64, out_features=32, seed=0):
+    torch.manual_seed(seed)
+    source = nn.Linear(in_features, out_features)
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, has_fp16_weights=False)
+    layer.load_state_dict(source.state_dict())
+    return layer.to("cpu")  # quantizes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_selection_forward_and_gradients_on_a_quantized_base(bits):
+    base = quantized_linear(bits)
+    layer = NeuroAdaLinear(base, "default", NeuroAdaConfig(k=3, init_weights=False))
+    dequantized = dequantized_weight(base)
+    assert torch.equal(layer.neuroada_indices["default"], select_per_neuron(dequantized, 3))
+    x = torch.randn(5, 64, requires_grad=True)
+    out = layer(x)
+    expected = base(x) + sparse_bypass_reference(x, layer.neuroada_delta["default"], layer.neuroada_indices["default"])
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    assert layer.neuroada_delta["default"].grad is not None and x.grad is not None
+    assert layer.get_base_layer().weight.grad is None  # the quantized weight stays frozen
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_requantizes_with_a_warning(bits):
+    base = quantized_linear(bits)
+    layer = NeuroAdaLinear(base, "default", NeuroAdaConfig(k=2))
+    layer.neuroada_delta["default"].data.fill_(0.5)  # well above either quantization step
+    x = torch.randn(4, 64)
+    unmerged = layer(x)
+    before = dequantized_weight(base)
+    with pytest.warns(UserWarning, match="rounds the merged weight to the quantization grid"):
+        layer.merge()
+    merged_weight = dequantized_weight(layer.get_base_layer())
+    indices = layer.neuroada_indices["default"].long()
+    step = 0.1 if bits == 4 else 0.02  # worst-case requantization error seen on this layer, with margin
+    assert ((merged_weight.gather(1, indices) - before.gather(1, indices)) - 0.5).abs().max() < step
+    assert (layer(x) - unmerged).abs().max() < 64 * step
+    with pytest.warns(UserWarning):
+        layer.unmerge()
+    assert not layer.merged
+    assert (dequantized_weight(layer.get_base_layer()) - before).abs().max() < step
+
+
+def test_get_peft_model_on_a_model_with_4bit_layers():
+    model = nn.Sequential(quantized_linear(4, 64, 48, seed=1), nn.ReLU(), quantized_linear(4, 48, 16, seed=2))
+    peft_model = get_peft_model(model, NeuroAdaConfig(k=1, target_modules=["0", "2"]))
+    layers = [m for m in peft_model.modules() if isinstance(m, NeuroAdaLayer)]
+    assert [layer.quantization for layer in layers] == ["4bit", "4bit"]
+    assert peft_model.get_nb_trainable_parameters()[0] == 48 + 16
+    x = torch.randn(3, 64)
+    peft_model(x).sum().backward()
+    assert all(layer.neuroada_delta["default"].grad is not None for layer in layers)
