@@ -130,9 +130,11 @@ class NeuroAdaModel(BaseTuner):
         config.selection_fingerprints = {
             name: selection_fingerprint(layer.neuroada_indices[adapter_name]) for name, layer in layers.items()
         }
-        for name, layer in layers.items():
-            if not torch.isfinite(layer.neuroada_delta[adapter_name]).all():
-                raise ValueError(f"adapter {adapter_name!r}: layer {name!r} holds NaN/inf deltas; nothing was saved")
+        # Checked on the tensors being saved (full ones, also when the live parameters are sharded by FSDP).
+        for key, value in selected.items():
+            if ".neuroada_delta." in key and not torch.isfinite(value).all():
+                layer_name = key.split(".neuroada_delta.")[0].removeprefix(_PEFT_MODEL_PREFIX)
+                raise ValueError(f"adapter {adapter_name!r}: layer {layer_name!r} holds NaN/inf deltas; nothing was saved")
         if not config.save_indices:
             selected = {key: value for key, value in selected.items() if ".neuroada_indices." not in key}
         return selected

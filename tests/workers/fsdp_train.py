@@ -1,0 +1,41 @@
+"""Worker for tests/test_fsdp.py: NeuroAda under FSDP2 (fully_shard) on 2 gloo processes, then a single-process
+reference on rank 0. Arguments: output folder, tests folder."""
+
+import sys, torch, torch.distributed as dist
+from peft import get_peft_model
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, sys.argv[2])
+from conftest import tiny_llama  # noqa: E402
+
+from neuroada import NeuroAdaConfig  # noqa: E402
+
+
+def train(model, batches, rank=None):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for batch in batches:
+        tokens = batch if rank is None else batch.chunk(2)[rank]  # each rank: half of the global batch
+        model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+out = sys.argv[1]
+batches = [torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+for block in model.base_model.model.model.layers:
+    fully_shard(block)
+fully_shard(model)
+assert type(model.base_model.model.model.layers[0].self_attn.q_proj.neuroada_delta["default"]).__name__ == "DTensor"
+train(model, batches, rank)
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
+if rank == 0:
+    model.save_pretrained(f"{out}/fsdp", state_dict=full)
+    reference = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+    train(reference, batches)
+    reference.save_pretrained(f"{out}/single")
+dist.destroy_process_group()
