@@ -1,0 +1,263 @@
+"""Accuracy against the peers: the same base model, task, step budget and seeds for every method, each with its own
+learning-rate sweep chosen on a validation split (never on the test split).
+
+    python benchmarks/compare_methods.py --task minilm-sentiment [--quick] [--out docs/results]
+
+Per method: sweep the learning rates on seed 0 (extending the sweep by one step past an edge until the best rate is
+inside it), then train the best rate on every seed and evaluate on the test split. Every run is its own process,
+so its peak memory is its own. Writes ``<out>/<task>.md`` (a Markdown table) and ``<out>/<task>.json``.
+
+Methods: NeuroAda k=1, 8, 20 (all linear layers); LoRA r=8 on the same modules; PEFT Super-Tuning with as many
+trainable entries as NeuroAda k=1 (top-k over each whole matrix instead of per neuron); BitFit (biases); full
+fine-tuning. Classifier heads, where the task has one, are trained by every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ["neuroada-k1", "neuroada-k8", "neuroada-k20", "lora-r8", "supertuning-k1", "bitfit", "full"]
+
+# Starting sweeps (log-spaced). Sparse deltas want large rates, LoRA ~1e-3, full fine-tuning ~1e-4.
+SWEEPS = {
+    "neuroada-k1": [3e-3, 1e-2, 3e-2], "neuroada-k8": [3e-3, 1e-2, 3e-2], "neuroada-k20": [1e-3, 3e-3, 1e-2],
+    "lora-r8": [3e-4, 1e-3, 3e-3], "supertuning-k1": [3e-3, 1e-2, 3e-2], "bitfit": [1e-3, 3e-3, 1e-2],
+    "full": [3e-5, 1e-4, 3e-4],
+}
+
+TASKS = {
+    # (recipe, steps, batch, train size, validation size, test size)
+    "minilm-sentiment": dict(recipe="minilm-sentiment", steps=150, batch=32, train=4000, validation=500, test=1000),
+    "smollm2-arithmetic": dict(recipe="smollm2-arithmetic", steps=110, batch=8, train=2000, validation=100,
+                               test=200),
+}
+QUICK = dict(steps=8, batch=8, train=64, validation=32, test=32)
+
+
+# ------------------------------------------------------------------------------------------------ one run (worker)
+
+
+def adapt(model, method: str, classification: bool):
+    """The model with ``method`` applied; returns (model, coverage) where coverage counts the output neurons and
+    input positions holding at least one trainable entry (sparse methods only)."""
+    from peft import LoraConfig, SupertuningConfig, get_peft_model
+
+    from neuroada import NeuroAdaConfig
+
+    task_type = "SEQ_CLS" if classification else "CAUSAL_LM"
+    head = {"classifier", "score"}
+    if method.startswith("neuroada-k"):
+        model = get_peft_model(model, NeuroAdaConfig(k=int(method.removeprefix("neuroada-k")), task_type=task_type))
+        return model, _coverage(model, "neuroada")
+    if method == "lora-r8":
+        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                task_type=task_type)), None
+    if method == "supertuning-k1":
+        probe = get_peft_model(_clone(model), NeuroAdaConfig(k=1, task_type=task_type))
+        linears = [m.get_base_layer() for m in probe.modules() if hasattr(m, "neuroada_delta")]
+        entries = sum(m.out_features for m in linears)
+        sparsity = 1 - entries / sum(m.weight.numel() for m in linears)
+        names = sorted(n for n, m in probe.base_model.model.named_modules() if hasattr(m, "neuroada_delta"))
+        config = SupertuningConfig(target_modules=names, sparsity=sparsity, task_type=task_type)
+        model = get_peft_model(model, config)
+        return model, _coverage(model, "supertuning")
+    if method == "bitfit":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.endswith(".bias") or name.split(".")[0] in head)
+        return model, None
+    if method == "full":
+        return model.requires_grad_(True), None
+    raise ValueError(method)
+
+
+def _clone(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _coverage(model, kind: str) -> dict:
+    neurons = positions = total_neurons = total_positions = 0
+    for module in model.modules():
+        if kind == "neuroada" and hasattr(module, "neuroada_indices"):
+            rows = module.neuroada_indices["default"].long()
+            out_features, in_features = module.out_features, module.in_features
+            neurons += out_features  # every row holds k entries
+            positions += rows.unique().numel()
+        elif kind == "supertuning" and hasattr(module, "supertuning_indices"):
+            flat = module.supertuning_indices["default"].long()
+            in_features, out_features = module.in_features, module.out_features
+            neurons += (flat // in_features).unique().numel()
+            positions += (flat % in_features).unique().numel()
+        else:
+            continue
+        total_neurons += out_features
+        total_positions += in_features
+    return {"neurons": neurons, "neurons_total": total_neurons, "positions": positions,
+            "positions_total": total_positions}
+
+
+def run_one(spec: dict) -> dict:
+    """Train one (method, learning rate, seed) and evaluate on the validation or the test split."""
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    from neuroada_recipes.cli import TaskArguments, TaskRun
+    from neuroada_recipes.recipes import RECIPES
+
+    recipe = RECIPES[spec["recipe"]]
+    fields = {k: v for k, v in recipe.items() if k in TaskArguments.__dataclass_fields__}
+    fields.update(recipe=spec["recipe"], train_size=spec["train"] + spec["validation"], test_size=spec["test"],
+                  evaluate_before=False)
+    set_seed(spec["seed"])
+    run = TaskRun(TaskArguments(**fields))
+    train, test = run.prepare_data(seed=0)  # the same split for every method and seed
+    validation = train.select(range(spec["validation"]))
+    train = train.select(range(spec["validation"], len(train)))
+    model, coverage = adapt(run.load_base_model(), spec["method"], run.classification)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    args = TrainingArguments(
+        output_dir=spec["scratch"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
+        learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=max(1, spec["steps"] // 20),
+        seed=spec["seed"], report_to="none", save_strategy="no", logging_steps=max(1, spec["steps"] // 10),
+        disable_tqdm=True, use_cpu=True,
+    )
+    started = time.time()
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=run.collator)
+    trainer.train()
+    seconds = time.time() - started
+    if not run.classification:  # the instruction validation split must stay raw for generation
+        validation = _raw_validation(run, spec)
+    target = test if spec["split"] == "test" else validation
+    metrics = run.evaluate(model, target, spec["split"])
+    return {"metric": metrics[run.metric_name], "metric_name": run.metric_name, "trainable": trainable,
+            "total": total, "train_seconds": seconds, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            / 2**20, "coverage": coverage, "final_loss": trainer.state.log_history[-1].get("train_loss")}
+
+
+def _raw_validation(run, spec):
+    from neuroada_recipes.data import load_table
+
+    # generated problems with a third seed, minus the test ones, as a raw validation split
+    test = set(load_table(run.task.data, seed=1000, size=spec["test"])["instruction"])
+    pool = load_table(run.task.data, seed=2000, size=spec["validation"] * 2)
+    pool = pool.filter(lambda r: r["instruction"] not in test)
+    return list(pool.select(range(min(spec["validation"], len(pool)))))
+
+
+# ------------------------------------------------------------------------------------------------ the comparison
+
+
+def launch(spec: dict) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"run {spec} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+MAX_EXTENSIONS = 4  # bounds the run time; a best rate still at the edge after these is reported as such
+
+
+def sweep(base: dict, method: str, rates: list[float], log) -> tuple[float, dict]:
+    """Best validation rate; widens the sweep by one log-step past whichever edge wins, until it is interior."""
+    results = {}
+    rates = sorted(rates)
+    for _ in range(MAX_EXTENSIONS + 1):
+        for lr in rates:
+            if lr not in results:
+                results[lr] = launch(dict(base, method=method, lr=lr, seed=0, split="validation"))
+                log(f"  {method} lr={lr:g}: validation {results[lr]['metric']:.4f}")
+        best = max(results, key=lambda r: results[r]["metric"])
+        ordered = sorted(results)
+        ratio = ordered[1] / ordered[0] if len(ordered) > 1 else 3.0
+        if best == ordered[0] and best / ratio >= 1e-6:
+            rates = [best / ratio] + ordered
+        elif best == ordered[-1] and best * ratio <= 1.0:
+            rates = ordered + [best * ratio]
+        else:
+            return best, results
+    log(f"  {method}: best rate {best:g} still at the edge after {MAX_EXTENSIONS} extensions")
+    return best, results
+
+
+def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: str, overrides: dict) -> None:
+    spec = dict(TASKS[task], **(QUICK if quick else {}), **overrides)
+    scratch = os.path.join(out, "scratch")
+    base = dict(spec, scratch=scratch)
+    log_path = os.path.join(out, f"{task}{'-quick' if quick else ''}.log")
+    os.makedirs(out, exist_ok=True)
+
+    def log(line):
+        print(line, flush=True)
+        with open(log_path, "a") as handle:
+            handle.write(line + "\n")
+
+    log(f"# {task}: {spec}, seeds {seeds}")
+    rows = {}
+    for method in methods:
+        best, swept = sweep(base, method, SWEEPS[method][:2] if quick else SWEEPS[method], log)
+        runs = [launch(dict(base, method=method, lr=best, seed=seed, split="test")) for seed in seeds]
+        scores = [r["metric"] for r in runs]
+        rows[method] = {"lr": best, "swept": sorted(swept), "test": scores, "mean": statistics.mean(scores),
+                        "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, **{k: runs[0][k] for k in (
+                            "metric_name", "trainable", "total", "coverage")},
+                        "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
+                        "peak_gb": max(r["peak_gb"] for r in runs)}
+        log(f"{method}: lr {best:g}, test {rows[method]['mean']:.4f} +- {rows[method]['std']:.4f}")
+    name = f"{task}{'-quick' if quick else ''}"
+    with open(os.path.join(out, f"{name}.json"), "w") as handle:
+        json.dump({"task": task, "spec": spec, "seeds": seeds, "methods": rows}, handle, indent=2)
+    with open(os.path.join(out, f"{name}.md"), "w") as handle:
+        handle.write(markdown(task, spec, seeds, rows))
+    print(markdown(task, spec, seeds, rows))
+
+
+def markdown(task, spec, seeds, rows) -> str:
+    metric = next(iter(rows.values()))["metric_name"]
+    lines = [f"### {task}: {metric} on {spec['test']} test examples, mean +- std over seeds {seeds}", "",
+             f"{spec['steps']} steps of batch {spec['batch']}, {spec['train']} training and {spec['validation']} "
+             "validation examples; learning rate chosen on validation, seed 0.", "",
+             f"| method | {metric} | trainable | share | best lr (swept) | train s | peak GB | neurons / inputs covered |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, row in rows.items():
+        coverage = row["coverage"]
+        covered = "-" if coverage is None else (
+            f"{coverage['neurons']:,}/{coverage['neurons_total']:,} / {coverage['positions']:,}/"
+            f"{coverage['positions_total']:,}")
+        swept = ", ".join(f"{r:g}" for r in row["swept"])
+        lines.append(f"| {method} | {row['mean']:.4f} +- {row['std']:.4f} | {row['trainable']:,} | "
+                     f"{100 * row['trainable'] / row['total']:.3f}% | {row['lr']:g} ({swept}) | "
+                     f"{row['train_seconds']:.0f} | {row['peak_gb']:.2f} | {covered} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="minilm-sentiment")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, two rates, one seed: minutes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--out", default="docs/results")
+    for size in ("steps", "batch", "train", "validation", "test"):
+        parser.add_argument(f"--{size}", type=int, help=f"override the task's {size}")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_one(json.loads(args.worker))))
+        return
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    overrides = {k: getattr(args, k) for k in ("steps", "batch", "train", "validation", "test") if getattr(args, k)}
+    compare(args.task, args.quick, seeds, args.methods, args.out, overrides)
+
+
+if __name__ == "__main__":
+    main()
