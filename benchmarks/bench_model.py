@@ -44,7 +44,7 @@ def adapt(model, method: str):
     from peft import LoraConfig, SupertuningConfig, get_peft_model
 
     import neuroada
-    from common import MaskedFullFineTuning
+    from common import MaskedFullFineTuning, sparsity_matching_k
 
     if method == "frozen":
         model.requires_grad_(False)
@@ -60,9 +60,8 @@ def adapt(model, method: str):
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS))
     linears = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTIONS]
     if method == "supertuning-k1":  # same number of trainable entries as NeuroAda k=1, chosen over each matrix
-        entries = sum(m.out_features for m in linears)
-        sparsity = 1 - entries / sum(m.weight.numel() for m in linears)
-        return get_peft_model(model, SupertuningConfig(target_modules=PROJECTIONS, sparsity=sparsity))
+        return get_peft_model(model, SupertuningConfig(target_modules=PROJECTIONS,
+                                                       sparsity=sparsity_matching_k(linears, 1)))
     if method == "masked-full-k1":
         model.requires_grad_(False)
         for parent in list(model.modules()):

@@ -47,6 +47,13 @@ class MaskedFullFineTuning(nn.Module):
         return self.base(x)
 
 
+def sparsity_matching_k(linears: list[nn.Linear], k: int) -> float:
+    """Super-Tuning's sparsity that trains as many entries over ``linears`` as NeuroAda at ``k`` (out * k per
+    layer): one ratio for all of them, since Super-Tuning selects over each whole matrix."""
+    entries = sum(linear.out_features * min(k, linear.in_features) for linear in linears)
+    return 1.0 - entries / sum(linear.weight.numel() for linear in linears)
+
+
 def wrap_linear(method: str, linear: nn.Linear, k: int) -> nn.Module:
     """One linear layer adapted by ``method``, with the same number of trainable entries as NeuroAda at ``k``
     for the sparse peers."""
@@ -65,8 +72,7 @@ def wrap_linear(method: str, linear: nn.Linear, k: int) -> nn.Module:
     if method == "masked-full":
         return MaskedFullFineTuning(linear, k)
     if method == "supertuning":
-        sparsity = 1.0 - entries / (out_features * in_features)
-        return get_peft_model(holder, SupertuningConfig(target_modules=["0"], sparsity=sparsity))
+        return get_peft_model(holder, SupertuningConfig(target_modules=["0"], sparsity=sparsity_matching_k([linear], k)))
     if method == "shira":
         rank = max(1, round(entries / (out_features + in_features)))
         return get_peft_model(holder, ShiraConfig(target_modules=["0"], r=rank))

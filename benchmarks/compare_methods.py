@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+
 METHODS = ["neuroada-k1", "neuroada-k8", "neuroada-k20", "lora-r8", "supertuning-k1", "bitfit", "full"]
 
 # Starting sweeps (log-spaced). Sparse deltas want large rates, LoRA ~1e-3, full fine-tuning ~1e-4.
@@ -49,6 +51,7 @@ def adapt(model, method: str, classification: bool):
     input positions holding at least one trainable entry (sparse methods only)."""
     from peft import LoraConfig, SupertuningConfig, get_peft_model
 
+    from common import sparsity_matching_k
     from neuroada import NeuroAdaConfig
 
     task_type = "SEQ_CLS" if classification else "CAUSAL_LM"
@@ -62,8 +65,7 @@ def adapt(model, method: str, classification: bool):
     if method == "supertuning-k1":
         probe = get_peft_model(_clone(model), NeuroAdaConfig(k=1, task_type=task_type))
         linears = [m.get_base_layer() for m in probe.modules() if hasattr(m, "neuroada_delta")]
-        entries = sum(m.out_features for m in linears)
-        sparsity = 1 - entries / sum(m.weight.numel() for m in linears)
+        sparsity = sparsity_matching_k(linears, 1)
         names = sorted(n for n, m in probe.base_model.model.named_modules() if hasattr(m, "neuroada_delta"))
         config = SupertuningConfig(target_modules=names, sparsity=sparsity, task_type=task_type)
         model = get_peft_model(model, config)
