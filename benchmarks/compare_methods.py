@@ -107,13 +107,17 @@ def _coverage(model, kind: str) -> dict:
 
 
 def run_one(spec: dict) -> dict:
-    """Train one (method, learning rate, seed) and evaluate on the validation or the test split."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    """Train one (method, learning rate, seed); score the validation split at half time and at the end (to show
+    whether training has stopped improving) and the test split at the end."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     from neuroada_recipes.cli import TaskArguments, TaskRun
     from neuroada_recipes.recipes import RECIPES
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     recipe = RECIPES[spec["recipe"]]
     fields = {k: v for k, v in recipe.items() if k in TaskArguments.__dataclass_fields__}
     fields.update(recipe=spec["recipe"], train_size=spec["train"] + spec["validation"], test_size=spec["test"],
@@ -123,6 +127,8 @@ def run_one(spec: dict) -> dict:
     train, test = run.prepare_data(seed=0)  # the same split for every method and seed
     validation = train.select(range(spec["validation"]))
     train = train.select(range(spec["validation"], len(train)))
+    if not run.classification:  # the instruction validation split must stay raw for generation
+        validation = _raw_validation(run, spec)
     model, coverage = adapt(run.load_base_model(), spec["method"], run.classification)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -132,15 +138,24 @@ def run_one(spec: dict) -> dict:
         seed=spec["seed"], report_to="none", save_strategy="no", logging_steps=max(1, spec["steps"] // 10),
         disable_tqdm=True, use_cpu=True,
     )
+    curve, evaluating = {}, [0.0]
+
+    class HalfwayValidation(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == spec["steps"] // 2:
+                started = time.time()
+                curve[state.global_step] = run.evaluate(model, validation, "validation")[run.metric_name]
+                model.train()
+                evaluating[0] += time.time() - started
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=run.collator,
+                      callbacks=[HalfwayValidation()])
     started = time.time()
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=run.collator)
     trainer.train()
-    seconds = time.time() - started
-    if not run.classification:  # the instruction validation split must stay raw for generation
-        validation = _raw_validation(run, spec)
-    target = test if spec["split"] == "test" else validation
-    metrics = run.evaluate(model, target, spec["split"])
-    return {"metric": metrics[run.metric_name], "metric_name": run.metric_name, "trainable": trainable,
+    seconds = time.time() - started - evaluating[0]
+    curve[spec["steps"]] = run.evaluate(model, validation, "validation")[run.metric_name]
+    scores = {"validation": curve[spec["steps"]], "test": run.evaluate(model, test, "test")[run.metric_name]}
+    return {"scores": scores, "validation_curve": curve, "metric_name": run.metric_name, "trainable": trainable,
             "total": total, "train_seconds": seconds, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             / 2**20, "coverage": coverage, "final_loss": trainer.state.log_history[-1].get("train_loss")}
 
@@ -158,27 +173,52 @@ def _raw_validation(run, spec):
 # ------------------------------------------------------------------------------------------------ the comparison
 
 
-def launch(spec: dict) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"run {spec} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+class Runs:
+    """Every finished run, appended to ``<out>/<task>.runs.jsonl``: an interrupted comparison resumes where it
+    stopped, and a rerun with the same sizes reuses what it has."""
+
+    SIZE_KEYS = ("recipe", "steps", "batch", "train", "validation", "test", "method", "lr", "seed")
+
+    def __init__(self, path: str):
+        self.path = path
+        self.done = {}
+        if os.path.exists(path):
+            with open(path) as handle:
+                for line in handle:
+                    record = json.loads(line)
+                    self.done[self._key(record["spec"])] = record["result"]
+
+    def _key(self, spec: dict) -> str:
+        return json.dumps([spec[k] for k in self.SIZE_KEYS])
+
+    def get(self, spec: dict) -> dict:
+        key = self._key(spec)
+        if key not in self.done:
+            command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"run {spec} failed:\n{result.stderr[-3000:]}")
+            self.done[key] = json.loads(result.stdout.strip().splitlines()[-1])
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"spec": spec, "result": self.done[key]}) + "\n")
+        return self.done[key]
 
 
 MAX_EXTENSIONS = 4  # bounds the run time; a best rate still at the edge after these is reported as such
 
 
-def sweep(base: dict, method: str, rates: list[float], log) -> tuple[float, dict]:
-    """Best validation rate; widens the sweep by one log-step past whichever edge wins, until it is interior."""
+def sweep(runs: Runs, base: dict, method: str, rates: list[float], log) -> tuple[float, dict]:
+    """Best validation rate on seed 0; widens the sweep by one log-step past whichever edge wins, until it is
+    interior."""
     results = {}
     rates = sorted(rates)
     for _ in range(MAX_EXTENSIONS + 1):
         for lr in rates:
             if lr not in results:
-                results[lr] = launch(dict(base, method=method, lr=lr, seed=0, split="validation"))
-                log(f"  {method} lr={lr:g}: validation {results[lr]['metric']:.4f}")
-        best = max(results, key=lambda r: results[r]["metric"])
+                results[lr] = runs.get(dict(base, method=method, lr=lr, seed=0))
+                curve = ", ".join(f"step {s}: {v:.4f}" for s, v in results[lr]["validation_curve"].items())
+                log(f"  {method} lr={lr:g}: validation {curve}")
+        best = max(results, key=lambda r: results[r]["scores"]["validation"])
         ordered = sorted(results)
         ratio = ordered[1] / ordered[0] if len(ordered) > 1 else 3.0
         if best == ordered[0] and best / ratio >= 1e-6:
@@ -191,33 +231,37 @@ def sweep(base: dict, method: str, rates: list[float], log) -> tuple[float, dict
     return best, results
 
 
-def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: str, overrides: dict) -> None:
+def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: str, overrides: dict,
+            threads: int | None) -> None:
     spec = dict(TASKS[task], **(QUICK if quick else {}), **overrides)
-    scratch = os.path.join(out, "scratch")
-    base = dict(spec, scratch=scratch)
-    log_path = os.path.join(out, f"{task}{'-quick' if quick else ''}.log")
+    name = f"{task}{'-quick' if quick else ''}"
+    base = dict(spec, scratch=os.path.join(out, "scratch", name), threads=threads)
     os.makedirs(out, exist_ok=True)
+    runs = Runs(os.path.join(out, f"{name}.runs.jsonl"))
 
     def log(line):
         print(line, flush=True)
-        with open(log_path, "a") as handle:
+        with open(os.path.join(out, f"{name}.log"), "a") as handle:
             handle.write(line + "\n")
 
     log(f"# {task}: {spec}, seeds {seeds}")
     rows = {}
     for method in methods:
-        best, swept = sweep(base, method, SWEEPS[method][:2] if quick else SWEEPS[method], log)
-        runs = [launch(dict(base, method=method, lr=best, seed=seed, split="test")) for seed in seeds]
-        scores = [r["metric"] for r in runs]
-        rows[method] = {"lr": best, "swept": sorted(swept), "test": scores, "mean": statistics.mean(scores),
-                        "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, **{k: runs[0][k] for k in (
+        best, swept = sweep(runs, base, method, SWEEPS[method][:2] if quick else SWEEPS[method], log)
+        # seed 0 at the best rate is the sweep's own run: its test score was computed alongside, never looked at
+        finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
+        scores = [r["scores"]["test"] for r in finals]
+        halfway = [list(r["validation_curve"].values()) for r in finals]
+        rows[method] = {"lr": best, "swept": {f"{lr:g}": r["scores"]["validation"] for lr, r in sorted(swept.items())},
+                        "test": scores, "mean": statistics.mean(scores),
+                        "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                        "validation_halfway_to_end": halfway, **{k: finals[0][k] for k in (
                             "metric_name", "trainable", "total", "coverage")},
-                        "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
-                        "peak_gb": max(r["peak_gb"] for r in runs)}
+                        "train_seconds": statistics.mean(r["train_seconds"] for r in finals),
+                        "peak_gb": max(r["peak_gb"] for r in finals)}
         log(f"{method}: lr {best:g}, test {rows[method]['mean']:.4f} +- {rows[method]['std']:.4f}")
-    name = f"{task}{'-quick' if quick else ''}"
     with open(os.path.join(out, f"{name}.json"), "w") as handle:
-        json.dump({"task": task, "spec": spec, "seeds": seeds, "methods": rows}, handle, indent=2)
+        json.dump({"task": task, "spec": spec, "seeds": seeds, "threads": threads, "methods": rows}, handle, indent=2)
     with open(os.path.join(out, f"{name}.md"), "w") as handle:
         handle.write(markdown(task, spec, seeds, rows))
     print(markdown(task, spec, seeds, rows))
@@ -228,16 +272,18 @@ def markdown(task, spec, seeds, rows) -> str:
     lines = [f"### {task}: {metric} on {spec['test']} test examples, mean +- std over seeds {seeds}", "",
              f"{spec['steps']} steps of batch {spec['batch']}, {spec['train']} training and {spec['validation']} "
              "validation examples; learning rate chosen on validation, seed 0.", "",
-             f"| method | {metric} | trainable | share | best lr (swept) | train s | peak GB | neurons / inputs covered |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| method | {metric} | trainable | share | best lr (validation at each swept rate) | validation half-way -> end "
+             "(per seed) | train s | peak GB | neurons / inputs covered |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, row in rows.items():
         coverage = row["coverage"]
         covered = "-" if coverage is None else (
             f"{coverage['neurons']:,}/{coverage['neurons_total']:,} / {coverage['positions']:,}/"
             f"{coverage['positions_total']:,}")
-        swept = ", ".join(f"{r:g}" for r in row["swept"])
+        swept = ", ".join(f"{lr}: {score:.3f}" for lr, score in row["swept"].items())
+        curves = "; ".join(" -> ".join(f"{v:.3f}" for v in curve) for curve in row["validation_halfway_to_end"])
         lines.append(f"| {method} | {row['mean']:.4f} +- {row['std']:.4f} | {row['trainable']:,} | "
-                     f"{100 * row['trainable'] / row['total']:.3f}% | {row['lr']:g} ({swept}) | "
+                     f"{100 * row['trainable'] / row['total']:.3f}% | {row['lr']:g} ({swept}) | {curves} | "
                      f"{row['train_seconds']:.0f} | {row['peak_gb']:.2f} | {covered} |")
     return "\n".join(lines) + "\n"
 
@@ -251,6 +297,7 @@ def main():
     parser.add_argument("--out", default="docs/results")
     for size in ("steps", "batch", "train", "validation", "test"):
         parser.add_argument(f"--{size}", type=int, help=f"override the task's {size}")
+    parser.add_argument("--threads", type=int, help="torch threads per run (two comparisons can share a machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -258,7 +305,7 @@ def main():
         return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     overrides = {k: getattr(args, k) for k in ("steps", "batch", "train", "validation", "test") if getattr(args, k)}
-    compare(args.task, args.quick, seeds, args.methods, args.out, overrides)
+    compare(args.task, args.quick, seeds, args.methods, args.out, overrides, args.threads)
 
 
 if __name__ == "__main__":
