@@ -173,14 +173,19 @@ def _raw_validation(run, spec):
 # ------------------------------------------------------------------------------------------------ the comparison
 
 
+class MissingRun(Exception):
+    """A run that --report-only would have to launch."""
+
+
 class Runs:
     """Every finished run, appended to ``<out>/<task>.runs.jsonl``: an interrupted comparison resumes where it
     stopped, and a rerun with the same sizes reuses what it has."""
 
     SIZE_KEYS = ("recipe", "steps", "batch", "train", "validation", "test", "method", "lr", "seed")
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, launch_missing: bool = True):
         self.path = path
+        self.launch_missing = launch_missing
         self.done = {}
         if os.path.exists(path):
             with open(path) as handle:
@@ -194,6 +199,8 @@ class Runs:
     def get(self, spec: dict) -> dict:
         key = self._key(spec)
         if key not in self.done:
+            if not self.launch_missing:
+                raise MissingRun(spec)
             command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
@@ -232,24 +239,29 @@ def sweep(runs: Runs, base: dict, method: str, rates: list[float], log) -> tuple
 
 
 def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: str, overrides: dict,
-            threads: int | None) -> None:
+            threads: int | None, report_only: bool = False) -> None:
     spec = dict(TASKS[task], **(QUICK if quick else {}), **overrides)
     name = f"{task}{'-quick' if quick else ''}"
     base = dict(spec, scratch=os.path.join(out, "scratch", name), threads=threads)
     os.makedirs(out, exist_ok=True)
-    runs = Runs(os.path.join(out, f"{name}.runs.jsonl"))
+    runs = Runs(os.path.join(out, f"{name}.runs.jsonl"), launch_missing=not report_only)
 
     def log(line):
         print(line, flush=True)
-        with open(os.path.join(out, f"{name}.log"), "a") as handle:
-            handle.write(line + "\n")
+        if not report_only:  # a report adds nothing to the run log
+            with open(os.path.join(out, f"{name}.log"), "a") as handle:
+                handle.write(line + "\n")
 
     log(f"# {task}: {spec}, seeds {seeds}")
-    rows = {}
+    rows, unfinished = {}, []
     for method in methods:
-        best, swept = sweep(runs, base, method, SWEEPS[method][:2] if quick else SWEEPS[method], log)
-        # seed 0 at the best rate is the sweep's own run: its test score was computed alongside, never looked at
-        finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
+        try:
+            best, swept = sweep(runs, base, method, SWEEPS[method][:2] if quick else SWEEPS[method], log)
+            # seed 0 at the best rate is the sweep's own run: its test score was computed alongside, never looked at
+            finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
+        except MissingRun:
+            unfinished.append(method)
+            continue
         scores = [r["scores"]["test"] for r in finals]
         halfway = [list(r["validation_curve"].values()) for r in finals]
         rows[method] = {"lr": best, "swept": {f"{lr:g}": r["scores"]["validation"] for lr, r in sorted(swept.items())},
@@ -261,10 +273,14 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
                         "peak_gb": max(r["peak_gb"] for r in finals)}
         log(f"{method}: lr {best:g}, test {rows[method]['mean']:.4f} +- {rows[method]['std']:.4f}")
     with open(os.path.join(out, f"{name}.json"), "w") as handle:
-        json.dump({"task": task, "spec": spec, "seeds": seeds, "threads": threads, "methods": rows}, handle, indent=2)
+        json.dump({"task": task, "spec": spec, "seeds": seeds, "threads": threads, "methods": rows,
+                   "unfinished": unfinished}, handle, indent=2)
+    table = markdown(task, spec, seeds, rows)
+    if unfinished:
+        table += f"\nNot finished in the time given (sweep or seeds incomplete): {', '.join(unfinished)}.\n"
     with open(os.path.join(out, f"{name}.md"), "w") as handle:
-        handle.write(markdown(task, spec, seeds, rows))
-    print(markdown(task, spec, seeds, rows))
+        handle.write(table)
+    print(table)
 
 
 def markdown(task, spec, seeds, rows) -> str:
@@ -298,6 +314,8 @@ def main():
     for size in ("steps", "batch", "train", "validation", "test"):
         parser.add_argument(f"--{size}", type=int, help=f"override the task's {size}")
     parser.add_argument("--threads", type=int, help="torch threads per run (two comparisons can share a machine)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the table from the runs already made (<out>/<task>.runs.jsonl), launch nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -305,7 +323,7 @@ def main():
         return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     overrides = {k: getattr(args, k) for k in ("steps", "batch", "train", "validation", "test") if getattr(args, k)}
-    compare(args.task, args.quick, seeds, args.methods, args.out, overrides, args.threads)
+    compare(args.task, args.quick, seeds, args.methods, args.out, overrides, args.threads, args.report_only)
 
 
 if __name__ == "__main__":

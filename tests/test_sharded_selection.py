@@ -1,4 +1,5 @@
-"""Selection on a sharded weight (a DTensor split over two gloo processes, as under FSDP2) sees the full weight."""
+"""Selection on a sharded weight (a DTensor split over two gloo processes, as under FSDP2) sees the full weight;
+merging into it is refused with the fix and changes nothing."""
 
 import os
 import subprocess
@@ -29,12 +30,19 @@ WORKER = textwrap.dedent("""
         indices = layer.neuroada_indices["default"]
         assert type(indices) is torch.Tensor and torch.equal(indices, expected), (dim, dist.get_rank())
         assert layer.neuroada_delta["default"].shape == (30, 3)
+        before = sharded.weight.to_local().clone()
+        try:
+            layer.merge()
+            raise AssertionError("merging into a DTensor weight should be refused")
+        except NotImplementedError as error:
+            assert "neuroada merge" in str(error)
+        assert torch.equal(sharded.weight.to_local(), before) and not layer.merged
     open(f"{sys.argv[1]}/ok-{dist.get_rank()}", "w").close()  # files, not prints: two ranks' output interleaves
     dist.destroy_process_group()
 """)
 
 
-def test_selection_gathers_a_sharded_weight(tmp_path):
+def test_selection_gathers_a_sharded_weight_and_merge_refuses_it(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")

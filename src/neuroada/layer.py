@@ -9,10 +9,9 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized
+from . import quantized, sharding
 from .bypass import SparsePattern, build_pattern, choose_backend, dense_matrix, linear_with_bypass, sparse_bypass
 from .config import NeuroAdaConfig
 from .selection import layer_seed, select_per_neuron
@@ -55,7 +54,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.is_conv1d = isinstance(base, Conv1D)
         self.quantization = quantized.kind(base)  # "4bit" / "8bit" (bitsandbytes) or None
         if self.is_conv1d:
-            self.in_features, self.out_features = base.weight.shape
+            self.in_features, self.out_features = sharding.logical_shape(base.weight)
         else:
             self.in_features, self.out_features = base.in_features, base.out_features
 
@@ -66,12 +65,11 @@ class NeuroAdaLayer(BaseTunerLayer):
 
     def full_weight_rows(self) -> torch.Tensor:
         """The whole base weight as ``[out_features, in_features]``, gathered first when it is sharded (a DTensor,
-        as under FSDP2 / tensor parallelism), so that selection sees every input of every neuron."""
+        as under FSDP2 / tensor parallelism, or a DeepSpeed ZeRO-3 partition), so that selection sees every input of
+        every neuron."""
         if self.quantization:
             return quantized.dequantized_weight(self.get_base_layer())
-        weight = self.get_base_layer().weight.detach()
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
+        weight = sharding.full_copy(self.get_base_layer().weight)
         return weight.T if self.is_conv1d else weight
 
     def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
@@ -83,6 +81,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         else:
             delta = torch.randn(self.out_features, k, dtype=torch.float32, device=rows.device) * 0.02
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
+        sharding.register_with_zero3(self, self.neuroada_delta[adapter_name], self.get_base_layer().weight)
         self.neuroada_indices[adapter_name] = indices
         self._patterns.pop(adapter_name, None)
         self.bypass_backend[adapter_name] = config.bypass_backend
@@ -113,18 +112,21 @@ class NeuroAdaLayer(BaseTunerLayer):
         if self.quantization:
             self._merge_quantized(adapter_names, safe_merge)
             return
-        rows = self.weight_rows()
-        for name in adapter_names:
-            if name not in self.neuroada_delta:
-                continue
-            indices = self.neuroada_indices[name].long()
-            original = rows.gather(1, indices)
-            merged = (original.float() + self.neuroada_delta[name].detach().float()).to(rows.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {name!r} would put NaN/inf into the weight; the adapter is broken")
-            rows.scatter_(1, indices, merged)
-            self._merged_originals[name] = original
-            self.merged_adapters.append(name)
+        base_weight = self.get_base_layer().weight
+        with sharding.writable_whole([base_weight, *self.neuroada_delta.values()]):
+            rows = self.weight_rows()
+            for name in adapter_names:
+                if name not in self.neuroada_delta:
+                    continue
+                indices = self.neuroada_indices[name].long()
+                original = rows.gather(1, indices)
+                merged = (original.float() + self.neuroada_delta[name].detach().float()).to(rows.dtype)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter {name!r} would put NaN/inf into the weight; the adapter is "
+                                     "broken")
+                rows.scatter_(1, indices, merged)
+                self._merged_originals[name] = original
+                self.merged_adapters.append(name)
 
     def _merge_quantized(self, adapter_names: list[str], safe_merge: bool, sign: float = 1.0) -> None:
         """Dequantise, add (or with ``sign=-1`` subtract) the deltas in float32, quantize again."""
@@ -151,12 +153,15 @@ class NeuroAdaLayer(BaseTunerLayer):
             self._merge_quantized(list(reversed(self.merged_adapters)), safe_merge=False, sign=-1.0)
             self.merged_adapters.clear()
             return
-        rows = self.weight_rows()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            rows.scatter_(1, self.neuroada_indices[name].long(), self._merged_originals.pop(name))
+        with sharding.writable_whole([self.get_base_layer().weight]):
+            rows = self.weight_rows()
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                rows.scatter_(1, self.neuroada_indices[name].long(), self._merged_originals.pop(name))
 
     def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.neuroada_delta:
+            sharding.unregister_from_zero3(self, self.neuroada_delta[adapter_name])
         super().delete_adapter(adapter_name)
         self._patterns.pop(adapter_name, None)
 
@@ -202,6 +207,7 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
             and base.weight.dtype == torch.float32
             and not base.weight.requires_grad
             and not (base._forward_hooks or base._forward_pre_hooks)
+            and not sharding.is_zero3_partitioned(base.weight)
             and not torch.is_autocast_enabled(x.device.type)
         )
         if backend == "auto" or (backend == "fused" and not fusable):  # "fused" where it applies, else the best other

@@ -132,8 +132,17 @@ class NeuroAdaModel(BaseTuner):
         }
         # Checked on the tensors being saved (full ones, also when the live parameters are sharded by FSDP).
         for key, value in selected.items():
-            if ".neuroada_delta." in key and not torch.isfinite(value).all():
-                layer_name = key.split(".neuroada_delta.")[0].removeprefix(_PEFT_MODEL_PREFIX)
+            if ".neuroada_delta." not in key:
+                continue
+            layer_name = key.split(".neuroada_delta.")[0].removeprefix(_PEFT_MODEL_PREFIX)
+            layer = layers.get(layer_name)
+            if layer is not None and value.shape != (layer.out_features, layer.neuroada_indices[adapter_name].shape[1]):
+                raise ValueError(
+                    f"adapter {adapter_name!r}: layer {layer_name!r} would be saved with deltas of shape "
+                    f"{tuple(value.shape)} (a DeepSpeed ZeRO-3 partition?); nothing was saved. Under ZeRO-3 save "
+                    "through Trainer.save_model() with stage3_gather_16bit_weights_on_model_save, or pass "
+                    "state_dict=engine._zero3_consolidated_16bit_state_dict() to save_pretrained.")
+            if not torch.isfinite(value).all():
                 raise ValueError(f"adapter {adapter_name!r}: layer {layer_name!r} holds NaN/inf deltas; nothing was saved")
         if not config.save_indices:
             selected = {key: value for key, value in selected.items() if ".neuroada_indices." not in key}
