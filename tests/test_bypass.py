@@ -198,3 +198,22 @@ def test_fused_refuses_a_trainable_weight():
     with pytest.raises(ValueError, match="frozen weight"):
         linear_with_bypass(torch.randn(2, 6), weight, None, torch.zeros(4, 1),
                            build_pattern(select_per_neuron(weight.detach(), 1), 6))
+
+
+@pytest.mark.parametrize("rows, cols, dtype", [(300, 70, torch.float32), (257, 129, torch.bfloat16), (128, 5, torch.float16)])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_transposed_copy_matches_transpose(rows, cols, dtype, parallel, monkeypatch):
+    import neuroada.bypass as bypass
+
+    # the thread-pool path normally starts at 2M elements; force it (and the plain one) on small odd shapes
+    monkeypatch.setattr(bypass, "_PARALLEL_TRANSPOSE_MIN", 1 if parallel else 1 << 62)
+    monkeypatch.setattr(bypass, "_TRANSPOSE_SLAB_ROWS", 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        matrix = torch.randn(rows, cols).to(dtype)
+        got = bypass._transposed_f32(matrix)
+    finally:
+        torch.set_num_threads(threads)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, matrix.T.float())
