@@ -239,7 +239,7 @@ def sweep(runs: Runs, base: dict, method: str, rates: list[float], log) -> tuple
 
 
 def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: str, overrides: dict,
-            threads: int | None, report_only: bool = False) -> None:
+            threads: int | None, report_only: bool = False, fixed_rates: dict | None = None) -> None:
     spec = dict(TASKS[task], **(QUICK if quick else {}), **overrides)
     name = f"{task}{'-quick' if quick else ''}"
     base = dict(spec, scratch=os.path.join(out, "scratch", name), threads=threads)
@@ -256,7 +256,11 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
     rows, unfinished = {}, []
     for method in methods:
         try:
-            best, swept = sweep(runs, base, method, SWEEPS[method][:2] if quick else SWEEPS[method], log)
+            if method in (fixed_rates or {}):  # a follow-up at a rate chosen earlier: no sweep
+                best = fixed_rates[method]
+                swept = {best: runs.get(dict(base, method=method, lr=best, seed=0))}
+            else:
+                best, swept = sweep(runs, base, method, SWEEPS[method][:2] if quick else SWEEPS[method], log)
             # seed 0 at the best rate is the sweep's own run: its test score was computed alongside, never looked at
             finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
         except MissingRun:
@@ -316,6 +320,8 @@ def main():
     parser.add_argument("--threads", type=int, help="torch threads per run (two comparisons can share a machine)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the table from the runs already made (<out>/<task>.runs.jsonl), launch nothing")
+    parser.add_argument("--fixed-rate", nargs="+", default=[], metavar="METHOD=LR",
+                        help="skip the sweep for these methods (e.g. a longer follow-up at the rates a sweep chose)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -323,7 +329,8 @@ def main():
         return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     overrides = {k: getattr(args, k) for k in ("steps", "batch", "train", "validation", "test") if getattr(args, k)}
-    compare(args.task, args.quick, seeds, args.methods, args.out, overrides, args.threads, args.report_only)
+    fixed = {m: float(lr) for m, lr in (item.split("=") for item in args.fixed_rate)}
+    compare(args.task, args.quick, seeds, args.methods, args.out, overrides, args.threads, args.report_only, fixed)
 
 
 if __name__ == "__main__":
