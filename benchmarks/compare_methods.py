@@ -186,12 +186,13 @@ class Runs:
     def __init__(self, path: str, launch_missing: bool = True):
         self.path = path
         self.launch_missing = launch_missing
-        self.done = {}
+        self.done, self.specs = {}, []
         if os.path.exists(path):
             with open(path) as handle:
                 for line in handle:
                     record = json.loads(line)
                     self.done[self._key(record["spec"])] = record["result"]
+                    self.specs.append(record["spec"])
 
     def _key(self, spec: dict) -> str:
         return json.dumps([spec[k] for k in self.SIZE_KEYS])
@@ -206,9 +207,16 @@ class Runs:
             if result.returncode != 0:
                 raise RuntimeError(f"run {spec} failed:\n{result.stderr[-3000:]}")
             self.done[key] = json.loads(result.stdout.strip().splitlines()[-1])
+            self.specs.append(spec)
             with open(self.path, "a") as handle:
                 handle.write(json.dumps({"spec": spec, "result": self.done[key]}) + "\n")
         return self.done[key]
+
+    def finished(self, base: dict, method: str) -> dict:
+        """Validation scores of the runs made so far for ``method`` at these sizes, by (rate, seed)."""
+        sizes = [base[k] for k in self.SIZE_KEYS[:6]]
+        return {(spec["lr"], spec["seed"]): self.done[self._key(spec)]["scores"]["validation"] for spec in self.specs
+                if spec["method"] == method and [spec[k] for k in self.SIZE_KEYS[:6]] == sizes}
 
 
 MAX_EXTENSIONS = 4  # bounds the run time; a best rate still at the edge after these is reported as such
@@ -264,7 +272,7 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
             # seed 0 at the best rate is the sweep's own run: its test score was computed alongside, never looked at
             finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
         except MissingRun:
-            unfinished.append(method)
+            unfinished.append((method, runs.finished(base, method)))
             continue
         scores = [r["scores"]["test"] for r in finals]
         halfway = [list(r["validation_curve"].values()) for r in finals]
@@ -278,17 +286,21 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
         log(f"{method}: lr {best:g}, test {rows[method]['mean']:.4f} +- {rows[method]['std']:.4f}")
     with open(os.path.join(out, f"{name}.json"), "w") as handle:
         json.dump({"task": task, "spec": spec, "seeds": seeds, "threads": threads, "methods": rows,
-                   "unfinished": unfinished}, handle, indent=2)
+                   "unfinished": {m: {f"lr {lr:g}, seed {seed}": v for (lr, seed), v in done.items()}
+                                  for m, done in unfinished}}, handle, indent=2)
     table = markdown(task, spec, seeds, rows)
     if unfinished:
-        table += f"\nNot finished in the time given (sweep or seeds incomplete): {', '.join(unfinished)}.\n"
+        table += "\nNot finished in the time given (sweep or seeds incomplete); validation so far:\n"
+        for method, done in unfinished:
+            scores = ", ".join(f"lr {lr:g} seed {seed}: {v:.3f}" for (lr, seed), v in sorted(done.items())) or "none"
+            table += f"- {method}: {scores}\n"
     with open(os.path.join(out, f"{name}.md"), "w") as handle:
         handle.write(table)
     print(table)
 
 
 def markdown(task, spec, seeds, rows) -> str:
-    metric = next(iter(rows.values()))["metric_name"]
+    metric = next(iter(rows.values()))["metric_name"] if rows else "metric"
     lines = [f"### {task}: {metric} on {spec['test']} test examples, mean +- std over seeds {seeds}", "",
              f"{spec['steps']} steps of batch {spec['batch']}, {spec['train']} training and {spec['validation']} "
              "validation examples; learning rate chosen on validation, seed 0.", "",
