@@ -71,6 +71,8 @@ def adapt(model, method: str, classification: bool):
         model = get_peft_model(model, config)
         return model, _coverage(model, "supertuning")
     if method == "bitfit":
+        if not any(name.endswith(".bias") for name, _ in model.named_parameters()):
+            raise NotApplicable(f"{type(model).__name__} has no bias terms, so BitFit has nothing to train")
         for name, param in model.named_parameters():
             param.requires_grad_(name.endswith(".bias") or name.split(".")[0] in head)
         return model, None
@@ -129,7 +131,10 @@ def run_one(spec: dict) -> dict:
     train = train.select(range(spec["validation"], len(train)))
     if not run.classification:  # the instruction validation split must stay raw for generation
         validation = _raw_validation(run, spec)
-    model, coverage = adapt(run.load_base_model(), spec["method"], run.classification)
+    try:
+        model, coverage = adapt(run.load_base_model(), spec["method"], run.classification)
+    except NotApplicable as reason:
+        return {"not_applicable": str(reason)}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     args = TrainingArguments(
@@ -171,6 +176,10 @@ def _raw_validation(run, spec):
 
 
 # ------------------------------------------------------------------------------------------------ the comparison
+
+
+class NotApplicable(Exception):
+    """The method has nothing to train on this model (BitFit on a model without biases)."""
 
 
 class MissingRun(Exception):
@@ -216,7 +225,8 @@ class Runs:
         """Validation scores of the runs made so far for ``method`` at these sizes, by (rate, seed)."""
         sizes = [base[k] for k in self.SIZE_KEYS[:6]]
         return {(spec["lr"], spec["seed"]): self.done[self._key(spec)]["scores"]["validation"] for spec in self.specs
-                if spec["method"] == method and [spec[k] for k in self.SIZE_KEYS[:6]] == sizes}
+                if spec["method"] == method and [spec[k] for k in self.SIZE_KEYS[:6]] == sizes
+                and "scores" in self.done[self._key(spec)]}
 
 
 MAX_EXTENSIONS = 4  # bounds the run time; a best rate still at the edge after these is reported as such
@@ -231,6 +241,8 @@ def sweep(runs: Runs, base: dict, method: str, rates: list[float], log) -> tuple
         for lr in rates:
             if lr not in results:
                 results[lr] = runs.get(dict(base, method=method, lr=lr, seed=0))
+                if "not_applicable" in results[lr]:
+                    raise NotApplicable(results[lr]["not_applicable"])
                 curve = ", ".join(f"step {s}: {v:.4f}" for s, v in results[lr]["validation_curve"].items())
                 log(f"  {method} lr={lr:g}: validation {curve}")
         best = max(results, key=lambda r: results[r]["scores"]["validation"])
@@ -261,7 +273,7 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
                 handle.write(line + "\n")
 
     log(f"# {task}: {spec}, seeds {seeds}")
-    rows, unfinished = {}, []
+    rows, unfinished, not_applicable = {}, [], {}
     for method in methods:
         try:
             if method in (fixed_rates or {}):  # a follow-up at a rate chosen earlier: no sweep
@@ -273,6 +285,10 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
             finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
         except MissingRun:
             unfinished.append((method, runs.finished(base, method)))
+            continue
+        except NotApplicable as reason:
+            log(f"{method}: not applicable: {reason}")
+            not_applicable[method] = str(reason)
             continue
         scores = [r["scores"]["test"] for r in finals]
         halfway = [list(r["validation_curve"].values()) for r in finals]
@@ -287,8 +303,10 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
     with open(os.path.join(out, f"{name}.json"), "w") as handle:
         json.dump({"task": task, "spec": spec, "seeds": seeds, "threads": threads, "methods": rows,
                    "unfinished": {m: {f"lr {lr:g}, seed {seed}": v for (lr, seed), v in done.items()}
-                                  for m, done in unfinished}}, handle, indent=2)
+                                  for m, done in unfinished}, "not_applicable": not_applicable}, handle, indent=2)
     table = markdown(task, spec, seeds, rows)
+    for method, reason in not_applicable.items():
+        table += f"\n{method}: not applicable ({reason}).\n"
     if unfinished:
         table += "\nNot finished in the time given (sweep or seeds incomplete); validation so far:\n"
         for method, done in unfinished:
