@@ -63,3 +63,5 @@ with deepspeed.zero.GatheredParameters([weight]):
     if rank == 0:
         torch.save(weight.detach().clone(), f"{out}/merged_q_proj.pt")
 mark("done")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # a clean shutdown: a rank exiting with the group alive can abort its peer
