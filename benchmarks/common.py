@@ -87,8 +87,12 @@ def median_seconds(samples: list[float]) -> float:
 
 
 def timed(fn) -> float:
+    """Wall time of ``fn``; on a GPU, with the queued kernels finished before and after."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
