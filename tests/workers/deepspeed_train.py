@@ -26,10 +26,6 @@ def mark(name):
     open(os.path.join(out, f"rank{rank}-{name}"), "w").close()
 
 
-def q_proj(model):
-    return model.base_model.model.model.layers[0].self_attn.q_proj
-
-
 # the selection an unsharded base gives, before anything DeepSpeed is set up
 plain = get_peft_model(LlamaForCausalLM.from_pretrained(f"{out}/base"), NeuroAdaConfig(k=2))
 expected_indices = {n: b.clone() for n, b in plain.named_buffers() if "neuroada_indices" in n}
