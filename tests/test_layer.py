@@ -143,3 +143,31 @@ def test_fused_path_is_skipped_where_it_would_change_semantics():
     handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer._backend_for("default", x, fusable=True) != "fused"
+
+
+def test_index_layouts_follow_the_module_to_another_device(monkeypatch):
+    """The op's index layouts are cached per selection; after ``.to(device)`` they must be those of the moved
+    indices, not the cached copies on the old device. With a GPU the moved layer must compute what it computed on
+    the CPU. Without one the meta device stands in: its tensors have no data and ``build_pattern`` has no meta
+    kernel (bincount), so the layouts are built from a CPU placeholder and moved, to see which device they land on."""
+    layer = make_layer("linear", bypass_backend="gather")
+    x = torch.randn(5, 24)
+    expected = layer(x)  # caches the layouts on the CPU
+    if torch.cuda.is_available():
+        layer.to("cuda")
+        torch.testing.assert_close(layer(x.cuda()).cpu(), expected, atol=1e-5, rtol=1e-5)
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        import neuroada.layer
+        from neuroada.bypass import SparsePattern, build_pattern
+
+        def build_from_placeholder(indices, in_features):
+            pattern = build_pattern(torch.zeros(indices.shape, dtype=indices.dtype), in_features)
+            return SparsePattern(*(t.to(indices.device) for t in pattern[:5]), in_features)
+
+        monkeypatch.setattr(neuroada.layer, "build_pattern", build_from_placeholder)
+        layer.to("meta")
+        device = torch.device("meta")
+    assert layer.neuroada_indices["default"].device == device
+    pattern = layer.pattern("default")
+    assert all(t.device == device for t in pattern[:5])
