@@ -6,7 +6,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neuroada import NeuroAdaConfig, NeuroAdaLinear, sparse_bypass_reference
-from neuroada.selection import select_per_neuron
 
 
 def make_layer(kind, in_features=24, out_features=10, dtype=torch.float32, k=3, **config):
@@ -50,9 +49,14 @@ def test_forward_and_gradients_are_base_plus_dense_delta(kind, tokens, backend):
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_selection_runs_along_the_input_axis(kind):
     layer = make_layer(kind, k=2)
-    expected = select_per_neuron(weight_as_rows(layer), 2)
+    base = layer.get_base_layer().weight
+    # by definition, in the layout each class stores: Linear [out, in], Conv1D [in, out]; neuron i = output i
+    stored = base.tolist()
+    def weight(i, j):
+        return stored[j][i] if kind == "conv1d" else stored[i][j]
+    expected = [sorted(sorted(range(24), key=lambda j: (-abs(weight(i, j)), j))[:2]) for i in range(10)]
     assert layer.neuroada_indices["default"].shape == (10, 2)
-    assert torch.equal(layer.neuroada_indices["default"], expected)
+    assert layer.neuroada_indices["default"].tolist() == expected
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -69,13 +73,16 @@ def test_storage_dtypes(kind, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_equals_unmerged_and_unmerge_restores_bits(kind, dtype, backend):
     layer = make_layer(kind, dtype=dtype, bypass_backend=backend)
+    with torch.no_grad():  # deltas far larger than the weights: W + d - d loses W's low bits, only a restore is exact
+        layer.neuroada_delta["default"].copy_(torch.randn(10, 3, generator=torch.Generator().manual_seed(1)) * 100)
     x = torch.randn(80, 24).to(dtype)
     original = layer.get_base_layer().weight.detach().clone()
     unmerged_out = layer(x)
     layer.merge()
     assert layer.merged
-    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(layer(x).float(), unmerged_out.float(), atol=tolerance, rtol=tolerance)
+    # merged, the sum is rounded once to the weight's dtype: relative error of one rounding at the output's scale
+    tolerance = (1e-5 if dtype == torch.float32 else 2**-7) * unmerged_out.float().abs().max().item()
+    torch.testing.assert_close(layer(x).float(), unmerged_out.float(), atol=tolerance, rtol=0)
     layer.unmerge()
     assert torch.equal(layer.get_base_layer().weight, original)
 
