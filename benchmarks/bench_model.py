@@ -1,13 +1,14 @@
 """Model-level benchmark: one training step (forward, backward, AdamW) of a SmolLM2-135M-shaped Llama with each
 method adapting all seven projections, on CPU.
 
-    python benchmarks/bench_model.py [--batch 4] [--seq 256] [--steps 3] [--methods ...]
+    python benchmarks/bench_model.py [--batch 4] [--seq 256] [--steps 3] [--methods ...] [--tiny]
 
 Each method runs in its own process (so peak memory is its own): build the model (random weights, fixed seed),
 adapt it, one warm-up step, then ``--steps`` timed steps. Reported: median step time as a ratio to the frozen
 floor (forward plus the backward to the inputs, no weight gradient, no optimizer state) and the peak resident
 memory sampled during the steps. Methods run one after another, so the ratios carry more noise than the
-interleaved layer benchmark.
+interleaved layer benchmark. ``--tiny`` swaps in a 2-layer, 32-wide Llama of the same structure: for the smoke test
+(tests/test_benchmarks.py), not for numbers.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ METHODS = ["frozen", "neuroada-k1", "neuroada-k20", "lora-r8", "supertuning-k1",
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def smollm2_shaped_llama():
+def smollm2_shaped_llama(tiny: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+    sizes = (dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2) if tiny else
+             dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3))
+    return LlamaForCausalLM(LlamaConfig(**sizes, max_position_embeddings=2048, tie_word_embeddings=True))
 
 
 def adapt(model, method: str):
@@ -94,12 +95,12 @@ class PeakMemory:
         self._thread.join()
 
 
-def run_one(method: str, batch: int, seq: int, steps: int) -> dict:
-    model = adapt(smollm2_shaped_llama(), method)
+def run_one(method: str, batch: int, seq: int, steps: int, tiny: bool = False) -> dict:
+    model = adapt(smollm2_shaped_llama(tiny), method)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-    tokens = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
 
     def step():
         loss = model(input_ids=tokens, labels=tokens).loss
@@ -125,10 +126,11 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--tiny", action="store_true", help="a toy model of the same structure (smoke test)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_one(args.worker, args.batch, args.seq, args.steps)))
+        print(json.dumps(run_one(args.worker, args.batch, args.seq, args.steps, args.tiny)))
         return
 
     from common import markdown_table
@@ -136,7 +138,7 @@ def main():
     results = {}
     for method in args.methods:
         command = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--steps", str(args.steps)]
+                   "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[method] = json.loads(output.strip().splitlines()[-1])
         print(f"  {method}: {results[method]['seconds']:.2f} s/step", file=sys.stderr)
@@ -146,7 +148,7 @@ def main():
         ratio = f"{r['seconds'] / floor['seconds']:.2f}x" if floor else "-"
         memory = f"{r['peak_bytes'] / floor['peak_bytes']:.2f}x" if floor else "-"
         rows.append([method, f"{r['trainable']:,}", f"{r['seconds']:.2f}", ratio, f"{r['peak_bytes'] / 1e9:.2f}", memory])
-    print(f"SmolLM2-135M-shaped Llama, batch {args.batch} x {args.seq} tokens, fp32, torch {torch.__version__}, "
+    print(f"{'tiny (smoke test)' if args.tiny else 'SmolLM2-135M-shaped'} Llama, batch {args.batch} x {args.seq} tokens, fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps\n")
     print(markdown_table(["method", "trainable", "s/step", "vs frozen", "peak GB", "peak vs frozen"], rows))
 

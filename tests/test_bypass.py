@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
 from neuroada.bypass import (build_pattern, choose_backend, linear_with_bypass, sparse_bypass,
                              sparse_bypass_reference)
 from neuroada.selection import select_per_neuron
@@ -31,7 +32,7 @@ def assert_close(actual, expected, dtype, scale):
     torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance, rtol=TOLERANCE[dtype])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60))
 @given(
     out_features=st.integers(1, 24),
     in_features=st.integers(1, 40),
@@ -151,7 +152,7 @@ def test_transposed_pattern_lists_every_entry_once():
     assert torch.equal(pattern.transposed_offsets, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40))
 @given(
     out_features=st.integers(1, 20),
     in_features=st.integers(1, 30),

@@ -29,6 +29,7 @@ def test_full_graph_matches_eager(backend):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow  # inductor compiles C++ kernels: ~20 s
 def test_inductor_matches_eager():
     layer = make_layer("auto")
     x = torch.randn(3, 24)

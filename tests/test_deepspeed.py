@@ -30,6 +30,7 @@ def training_arguments(output_dir, batch):
                 use_cpu=True, disable_tqdm=True, seed=0)
 
 
+@pytest.mark.slow  # two DeepSpeed processes and a Trainer run: ~60 s
 def test_zero3_training_matches_single_process(tmp_path):
     from peft import get_peft_model
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
@@ -46,7 +47,7 @@ def test_zero3_training_matches_single_process(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     worker = os.path.join(TESTS, "workers", "deepspeed_train.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29545", worker, str(tmp_path),
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", worker, str(tmp_path),
                              TESTS], capture_output=True, text=True, env=env, timeout=480)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     for rank in (0, 1):

@@ -9,6 +9,10 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from conftest import free_port
+
+pytestmark = pytest.mark.slow  # two processes, each importing torch and transformers: ~15 s per test
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
@@ -47,7 +51,7 @@ def assert_same_adapter(output_dir, expected, log):
 
 
 def test_torchrun_two_processes_match_one(tmp_path, tiny_llama_dir, arithmetic_jsonl_module, single_process):
-    log = run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29541", "-m",
+    log = run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--standalone", "-m",
                "neuroada_recipes.cli"] + train_flags(tiny_llama_dir, arithmetic_jsonl_module, tmp_path, batch=4)
               + ["--ddp_backend", "gloo"])
     assert_same_adapter(tmp_path, single_process, log)
@@ -56,7 +60,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_llama_dir, arithmetic_j
 def test_accelerate_launch_two_processes_match_one(tmp_path, tiny_llama_dir, arithmetic_jsonl_module,
                                                    single_process):
     config = os.path.join(REPO, "docs", "accelerate_cpu_2proc.yaml")
-    log = run([os.path.join(BIN, "accelerate"), "launch", "--config_file", config, "--main_process_port", "29542",
-               "-m", "neuroada_recipes.cli"] + train_flags(tiny_llama_dir, arithmetic_jsonl_module, tmp_path, batch=4)
+    log = run([os.path.join(BIN, "accelerate"), "launch", "--config_file", config,
+               "--main_process_port", str(free_port()), "-m", "neuroada_recipes.cli"] + train_flags(tiny_llama_dir, arithmetic_jsonl_module, tmp_path, batch=4)
               + ["--ddp_backend", "gloo"])
     assert_same_adapter(tmp_path, single_process, log)

@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # two torchrun processes: ~10 s
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -14,7 +17,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 def test_fsdp_training_saves_the_single_process_adapter(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     worker = os.path.join(TESTS, "workers", "fsdp_train.py")
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29544", worker, str(tmp_path), TESTS],
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", worker, str(tmp_path), TESTS],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     sharded = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")

@@ -1,6 +1,7 @@
 """NeuroAda through PEFT's public API on tiny random Llama and GPT-2 models."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from neuroada import AdapterLoadError, NeuroAdaConfig, NeuroAdaLayer
-from conftest import tiny_llama
+from conftest import sample_tokens, tiny_llama
 
 
 def train_steps(model, tokens, steps=3, lr=5e-2):
@@ -48,14 +49,22 @@ def assert_unchanged(model, before):
         assert torch.equal(before[1][name], after[1][name]), name
 
 
-@pytest.fixture
-def trained(model_factory, tokens, tmp_path):
-    """A model trained for a few steps and its adapter saved; returns (peft_model, base_logits, path)."""
+@pytest.fixture(scope="module")
+def trained(model_factory, tmp_path_factory):
+    """A model trained for a few steps and its adapter saved, once per model kind; returns (peft_model, base_logits,
+    path). Shared by the tests of this module: a test that changes the files works on a copy (copied_adapter), one
+    that merges unmerges again."""
+    tokens = sample_tokens()
     base_logits = logits(model_factory(), tokens)
     model = get_peft_model(model_factory(), NeuroAdaConfig(k=2))
     train_steps(model, tokens)
-    model.save_pretrained(tmp_path / "adapter")
-    return model, base_logits, tmp_path / "adapter"
+    path = tmp_path_factory.mktemp("trained") / "adapter"
+    model.save_pretrained(path)
+    return model, base_logits, path
+
+
+def copied_adapter(path, tmp_path):
+    return shutil.copytree(path, tmp_path / "adapter")
 
 
 def test_identity_at_init(model_factory, tokens):
@@ -249,8 +258,8 @@ def test_loading_indices_into_a_used_layer_updates_what_the_op_uses(trained, mod
         assert torch.equal(restored.pattern("default").columns, original.neuroada_indices["default"].long())
 
 
-def test_indices_that_disagree_with_the_config_fingerprint_are_refused(trained, model_factory):
-    _, _, path = trained
+def test_indices_that_disagree_with_the_config_fingerprint_are_refused(trained, model_factory, tmp_path):
+    path = copied_adapter(trained[2], tmp_path)
     file = path / "adapter_model.safetensors"
     tensors = load_file(file)
     key = next(k for k in tensors if k.endswith("neuroada_indices"))
@@ -265,8 +274,8 @@ def test_indices_that_disagree_with_the_config_fingerprint_are_refused(trained, 
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble_header"])
-def test_damaged_file_is_refused_before_the_model_is_touched(trained, model_factory, damage):
-    _, _, path = trained
+def test_damaged_file_is_refused_before_the_model_is_touched(trained, model_factory, damage, tmp_path):
+    path = copied_adapter(trained[2], tmp_path)
     file = path / "adapter_model.safetensors"
     data = file.read_bytes()
     file.write_bytes(data[: len(data) - 40] if damage == "truncate" else b"\x10\x00" + data[2:])

@@ -3,6 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
 from neuroada.selection import index_dtype_for, layer_seed, select_per_neuron, selection_fingerprint
 
 
@@ -15,7 +16,7 @@ def brute_force_magnitude(weight, k, largest=True):
     return torch.tensor(rows)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40))
 @given(out_features=st.integers(1, 9), in_features=st.integers(1, 40), data=st.data())
 def test_magnitude_and_smallest_match_brute_force(out_features, in_features, data):
     k = data.draw(st.integers(1, in_features))

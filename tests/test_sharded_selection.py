@@ -6,6 +6,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two torchrun processes: ~10 s
+
 WORKER = textwrap.dedent("""
     import sys
     import torch
@@ -46,7 +50,7 @@ def test_selection_gathers_a_sharded_weight_and_merge_refuses_it(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29543", str(script), str(tmp_path)],
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", str(script), str(tmp_path)],
                             capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert (tmp_path / "ok-0").exists() and (tmp_path / "ok-1").exists()

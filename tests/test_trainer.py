@@ -60,6 +60,7 @@ def tweets(count):
     return [(text, labels[name]) for name, texts in by_label.items() for text in texts]
 
 
+@pytest.mark.slow  # the real pretrained MiniLM, 12 Trainer steps: ~30-60 s
 def test_minilm_classifier_through_trainer(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
 from neuroada import triton_backend
 from neuroada.bypass import build_pattern, sparse_bypass, sparse_bypass_reference
 from neuroada.selection import select_per_neuron
@@ -18,7 +19,7 @@ if not triton_backend.available(DEVICE):
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25))
 @given(
     out_features=st.integers(1, 40),
     in_features=st.integers(1, 40),

