@@ -11,6 +11,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 SMOKE_TESTED = {"bench_layer.py", "bench_model.py", "compare_methods.py"}
@@ -54,8 +55,16 @@ def test_bench_layer_at_toy_size(benchmark, monkeypatch, capsys):
 
 def test_bench_model_methods_at_toy_size(benchmark, monkeypatch, capsys):
     bench_model = benchmark("bench_model")
-    for method in bench_model.METHODS:  # every method in this process: cheap at toy size
-        result = bench_model.run_one(method, batch=1, seq=8, steps=1, tiny=True)
+    threads = torch.get_num_threads()
+    # One thread: the peak-memory sampler (a Python thread polling every millisecond) and torch's worker threads
+    # contend on a busy 2-core machine and make this toy run 20x slower.
+    torch.set_num_threads(1)
+    try:
+        results = {method: bench_model.run_one(method, batch=1, seq=8, steps=1, tiny=True)
+                   for method in bench_model.METHODS}  # every method in this process: cheap at toy size
+    finally:
+        torch.set_num_threads(threads)
+    for method, result in results.items():
         assert result["method"] == method and result["seconds"] > 0 and result["peak_bytes"] > 0
         if method == "frozen":
             assert result["trainable"] == 0

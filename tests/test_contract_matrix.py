@@ -547,7 +547,8 @@ def test_half_precision_forward_merge_and_unmerge(case, dtype):
     model = model.to(dtype)
     out = run(case, model)
     assert out.dtype == dtype
-    tolerance = (2e-2 if dtype == torch.float16 else 8e-2) * scale_of(reference)
+    # a few roundings of the dtype at the output's scale (measured worst over the cases: 0.7 and 1.3 of them)
+    tolerance = 4 * (2**-10 if dtype == torch.float16 else 2**-8) * scale_of(reference)
     torch.testing.assert_close(out.float(), reference, atol=tolerance, rtol=0)
     original = base_weights(model)
     model.merge_adapter()
