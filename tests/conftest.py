@@ -5,8 +5,17 @@ import socket
 import warnings
 
 import pytest
-import torch
-from hypothesis import settings
+
+# One intra-op thread unless the caller says otherwise, for this process and the processes tests launch (set before
+# torch starts its thread pool). The tests' models are tiny, so threads only add synchronisation, and on a shared
+# 2-core machine idle-spinning worker threads contend: the whole suite took 7.5 min with torch's default of 2 threads
+# and 2.7 min with one, on the same busy machine. One thread also makes every result independent of the core count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     # Run the Triton kernels in Triton's CPU interpreter; must be set before neuroada defines them.
