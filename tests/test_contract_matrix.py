@@ -167,16 +167,17 @@ def triton_runs_here() -> bool:
     return triton_backend.available(torch.device("cpu")) or torch.cuda.is_available()
 
 
-def matrix(xfail: dict[str, Callable[[Case], bool]] | None = None):
-    """The cases as pytest params; ``xfail`` maps an issue-10 reason to the cases that it makes fail today."""
+def matrix(xfail: dict[str, tuple[Callable[[Case], bool], type]] | None = None):
+    """The cases as pytest params; ``xfail`` maps an issue-10 reason to (the cases that it makes fail today, the
+    exception they fail with: any other exception is a real failure)."""
     params = []
     for case in all_cases():
         marks = []
         if case.backend == "triton" and not triton_runs_here():
             marks.append(pytest.mark.skip(reason="Triton cannot run here (no GPU, TRITON_INTERPRET unset)"))
-        for reason, applies in (xfail or {}).items():
+        for reason, (applies, raises) in (xfail or {}).items():
             if applies(case):
-                marks.append(pytest.mark.xfail(strict=True, reason=reason))
+                marks.append(pytest.mark.xfail(strict=True, reason=reason, raises=raises))
         params.append(pytest.param(case, id=case.id, marks=marks))
     return pytest.mark.parametrize("case", params)
 
@@ -376,7 +377,8 @@ def test_merge_unmerge_several_adapters_restores_bits(case, order):
     assert torch.equal(run(case, model), both)
 
 
-@matrix(xfail={"issue 10: add_adapter while another adapter is merged selects on W + delta": lambda case: case.arguments.get("selection") != "random"})
+@matrix(xfail={"issue 10: add_adapter while another adapter is merged selects on W + delta":
+               (lambda case: case.arguments.get("selection") != "random", AssertionError)})
 def test_adapter_added_while_merged_selects_on_the_base_weight(case):
     model = adapted(case)
     with torch.no_grad():  # merged, the selected entries become 0 (or huge, for "smallest"): W + delta ranks them last
@@ -489,16 +491,23 @@ def not_applicable(case, kind):
             return "only an adapter without indices, whose selection depends on the weights, checks the base"
     elif kind != "wrong_shape" and not case.config().save_indices:
         return "save_indices=False: the file holds no indices to damage"
+    elif kind == "duplicate" and case.arguments["k"] < 2:
+        return "k=1: a row has no second position to repeat the first in"
     return None
+
+
+# A load that is not refused fails pytest.raises; one that leaves a trace fails an assertion.
+NOT_REFUSED_OR_TRACE_LEFT = (pytest.fail.Exception, AssertionError)
+DUPLICATES_NOT_REFUSED = pytest.mark.xfail(strict=True, raises=NOT_REFUSED_OR_TRACE_LEFT,
+                                           reason="issue 10: duplicate indices are not refused")
 
 
 @matrix(xfail={
     "issue 10: a refused load does not undo all that injection touched (the saved module's wrapper or trainability)":
-        lambda case: case.saves_module,
+        (lambda case: case.saves_module, NOT_REFUSED_OR_TRACE_LEFT),
 })
 @pytest.mark.parametrize("kind", ["wrong_shape", "out_of_range", "other_base",
-                                  pytest.param("duplicate", marks=pytest.mark.xfail(
-                                      strict=True, reason="issue 10: duplicate indices are not refused"))])
+                                  pytest.param("duplicate", marks=DUPLICATES_NOT_REFUSED)])
 def test_refused_load_of_a_first_adapter_leaves_no_trace(case, kind, tmp_path):
     if not_applicable(case, kind):
         pytest.skip(not_applicable(case, kind))
@@ -518,8 +527,7 @@ def test_refused_load_of_a_first_adapter_leaves_no_trace(case, kind, tmp_path):
 
 @matrix()
 @pytest.mark.parametrize("kind", ["wrong_shape", "out_of_range",
-                                  pytest.param("duplicate", marks=pytest.mark.xfail(
-                                      strict=True, reason="issue 10: duplicate indices are not refused"))])
+                                  pytest.param("duplicate", marks=DUPLICATES_NOT_REFUSED)])
 def test_refused_load_of_a_second_adapter_leaves_no_trace(case, kind, tmp_path):
     if not_applicable(case, kind):
         pytest.skip(not_applicable(case, kind))
@@ -558,7 +566,7 @@ def test_half_precision_forward_merge_and_unmerge(case, dtype):
 
 
 @matrix(xfail={"issue 10: _merged_originals does not follow .to()/.half(), so unmerge fails after a cast":
-               lambda case: True})
+               (lambda case: True, RuntimeError)})
 def test_merged_model_cast_to_half_still_unmerges(case):
     model = adapted(case)
     randomize(model, scale=0.2)
@@ -595,13 +603,15 @@ def test_training_changes_only_the_deltas(case):
 # ------------------------------------------------------------------------------------- single-case contract checks
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: PEFT does not see the method's name (peft_types is '')")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 10: PEFT does not see the method's name (peft_types is '')")
 def test_peft_introspection_reports_the_method():
     model = adapted(Case(MODELS["llama"], "k1-magnitude-auto"))
     assert model.get_model_status().peft_types == {"default": "NEUROADA"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a meta-device base fails with 'Tensor.item() cannot be called on "
+@pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError),
+                   reason="issue 10: a meta-device base fails with 'Tensor.item() cannot be called on "
                                        "meta tensors'")
 def test_meta_device_base_is_adapted_or_refused_with_a_clear_message():
     with torch.device("meta"):
