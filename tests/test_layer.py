@@ -6,6 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neuroada import NeuroAdaConfig, NeuroAdaLinear, sparse_bypass_reference
+from neuroada.bypass import choose_backend
 from neuroada.selection import select_per_neuron
 
 
@@ -135,11 +136,11 @@ def test_fused_path_is_skipped_where_it_would_change_semantics():
     layer = make_layer("linear", bypass_backend="fused")
     base = layer.get_base_layer()
     x = torch.randn(100, 24)
-    assert layer._backend_for("default", x, fusable=True) == "fused"
+    assert choose_backend("fused", x, 3, layer._fusable(x)) == "fused"
     handle = base.register_forward_hook(lambda module, args, out: out * 2)
-    assert layer._backend_for("default", x, fusable=True) != "fused"  # the base layer's hook must run
+    assert choose_backend("fused", x, 3, layer._fusable(x)) != "fused"  # the base layer's hook must run
     bypass = sparse_bypass_reference(x, layer.neuroada_delta["default"], layer.neuroada_indices["default"])
     torch.testing.assert_close(layer(x), base(x) + bypass, atol=1e-5, rtol=1e-5)  # base(x) includes the hook
     handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer._backend_for("default", x, fusable=True) != "fused"
+        assert choose_backend("fused", x, 3, layer._fusable(x)) != "fused"

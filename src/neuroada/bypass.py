@@ -43,56 +43,105 @@ _TRANSPOSE_SLAB_ROWS = 128
 # temporaries raise peak memory for small batches.
 _FUSED_MIN_TOKENS = 512
 
-# The CPU sampled product builds a CSR tensor on every backward; PyTorch warns about CSR's beta status each time.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+# Messages already given by _warn_once (a fallback is announced once per process, not once per layer and call).
+_warned: set[str] = set()
 
 
 class SparsePattern(NamedTuple):
-    """A selection in the layouts the op needs; built once per selection, reused every step."""
+    """A selection in the layouts the op needs; built once per selection, reused every step. All int32: the
+    smallest index type that embedding_bag, CSR tensors and the Triton kernels accept."""
 
-    columns: Tensor  # [out, k] int64: the selected input positions of each output neuron
-    transposed_rows: Tensor  # [out * k] int64: output neuron of each entry, entries ordered by input position
-    transposed_order: Tensor  # [out * k] int64: flat position in delta of each entry, in that order
-    transposed_offsets: Tensor  # [in + 1] int64: where each input position's entries start (and the end)
-    row_offsets: Tensor  # [out + 1] int64: CSR row pointers of S (every row holds k entries)
+    columns: Tensor  # [out, k]: the selected input positions of each output neuron, rows sorted
+    transposed_rows: Tensor  # [out * k]: output neuron of each entry, entries ordered by input position
+    transposed_order: Tensor  # [out * k]: flat position in delta of each entry, in that order
+    transposed_offsets: Tensor  # [in + 1]: where each input position's entries start (and the end)
+    row_offsets: Tensor  # [out + 1]: CSR row pointers of S (every row holds k entries)
     in_features: int
 
 
+def check_indices(indices: Tensor, in_features: int) -> None:
+    """Refuse a selection the backends would disagree on: every position in range, none repeated within a row
+    (a repeated position would be summed by some backends and overwritten by others)."""
+    if indices.dim() != 2 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be an integer tensor [out_features, k], got {indices.dtype} of shape "
+                         f"{tuple(indices.shape)}")
+    if indices.numel() == 0:
+        return
+    wide = indices.long()
+    if wide.min() < 0 or wide.max() >= in_features:
+        raise ValueError(f"indices fall outside 0..{in_features - 1} (min {int(wide.min())}, max {int(wide.max())})")
+    ordered = wide.sort(dim=1).values
+    repeats = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    if repeats.any():
+        row = int(repeats.nonzero()[0])
+        raise ValueError(f"row {row} of the indices repeats a position ({wide[row].tolist()}); each neuron's k "
+                         "connections must be distinct, as select_per_neuron returns them")
+
+
 def build_pattern(indices: Tensor, in_features: int) -> SparsePattern:
+    check_indices(indices, in_features)
     columns = indices.long()
+    if not _rows_sorted(columns):  # CSR (the CPU delta gradient) requires sorted columns within a row
+        raise ValueError("each row of the indices must be sorted ascending (as select_per_neuron returns them), "
+                         "with the deltas in the same order")
     out_features, k = columns.shape
     flat = columns.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     offsets = torch.zeros(in_features + 1, dtype=torch.long, device=flat.device)
     offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=in_features), 0)
     row_offsets = torch.arange(0, out_features * k + 1, k, device=flat.device)
-    return SparsePattern(columns, order // k, order, offsets, row_offsets, in_features)
+    layouts = (columns, order // k, order, offsets, row_offsets)
+    return SparsePattern(*(t.to(torch.int32) for t in layouts), in_features)
 
 
-def choose_backend(tokens: int, in_features: int, k: int, device: torch.device, fusable: bool = False) -> str:
-    """The backend for one call. ``fusable``: the caller can replace its base layer's matmul by the fused one
-    (a plain float32 linear layer). Measured on CPU (benchmarks/bench_layer.py): fused beats a separate bypass
-    from a few hundred tokens on; among the separate bypasses, dense S wins when k is a large share of
-    in_features (crossover near k = in / 8). On a GPU with Triton, the Triton kernels."""
-    if device.type == "cuda" and triton_backend.available(device):
+def _rows_sorted(indices: Tensor) -> bool:
+    return indices.shape[1] < 2 or bool((indices[:, 1:].long() > indices[:, :-1].long()).all())
+
+
+def choose_backend(requested: str, x: Tensor, k: int, fusable: bool = False) -> str:
+    """The one place where a backend is decided, per call. ``x`` is the layer input ``[..., in_features]``;
+    ``fusable``: the caller may replace its base layer's forward by the fused matmul (it is a plain frozen float32
+    linear layer whose forward is exactly ``x W^T + b``).
+
+    1. An explicit backend is used where it can run. ``"fused"`` where ``fusable`` is false and ``"triton"`` where
+       Triton cannot run (no Triton, not a GPU) fall back to rule 2, which computes the same bypass; a Triton
+       fallback is announced once, since it is a property of the machine, not of the adapter.
+    2. ``"auto"``: the Triton kernels on a GPU where they run; else the fused layer from 512 tokens on where
+       ``fusable`` (the copies of W cost less than a separate bypass); else a dense S when k is at least 1/8 of
+       the inputs; else the gather kernels. (Measured on CPU by benchmarks/bench_layer.py.)
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown bypass backend {requested!r}; choose one of {BACKENDS}")
+    if requested in ("gather", "dense") or (requested == "fused" and fusable):
+        return requested
+    if requested == "triton":
+        if triton_backend.available(x.device):
+            return "triton"
+        _warn_once(f"the triton bypass backend cannot run on {x.device} ("
+                   f"{'Triton is not installed' if triton_backend.triton is None else 'not a GPU'}); using the "
+                   "PyTorch backends, which compute the same bypass. The setting is stored in the adapter's config "
+                   "but binds nothing: set bypass_backend='auto' to silence this.")
+    if x.device.type == "cuda" and triton_backend.available(x.device):
         return "triton"
+    tokens = x.numel() // max(x.shape[-1], 1)
     if fusable and tokens >= _FUSED_MIN_TOKENS:
         return "fused"
-    return "dense" if 8 * k >= in_features else "gather"
+    return "dense" if 8 * k >= x.shape[-1] else "gather"
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def sparse_bypass(x: Tensor, delta: Tensor, pattern: SparsePattern, backend: str = "auto") -> Tensor:
     """``x S^T`` for ``x`` of shape ``[..., in]``; returns ``[..., out]`` in float32 (``delta``'s dtype)."""
     if x.shape[-1] != pattern.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the adapted layer expects {pattern.in_features}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown bypass backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        backend = choose_backend(x.numel() // max(x.shape[-1], 1), pattern.in_features, delta.shape[1], x.device)
     if backend == "fused":
         raise ValueError("the fused backend replaces the whole layer: call linear_with_bypass")
-    if backend == "triton" and not triton_backend.available(x.device):
-        raise ValueError(f"the triton backend needs Triton and a GPU (or TRITON_INTERPRET=1 on CPU); x is on {x.device}")
+    backend = choose_backend(backend, x, delta.shape[1])
     out = torch.ops.neuroada.bypass(x.reshape(-1, x.shape[-1]), delta, *pattern[:5], backend)
     return out.reshape(*x.shape[:-1], delta.shape[0])
 
@@ -121,7 +170,7 @@ def sparse_bypass_reference(x: Tensor, delta: Tensor, indices: Tensor) -> Tensor
 def dense_matrix(delta: Tensor, columns: Tensor, in_features: int) -> Tensor:
     """S as a float32 ``[out, in]`` matrix (for the dense backend and for inspecting an adapter)."""
     dense = torch.zeros(delta.shape[0], in_features, dtype=torch.float32, device=delta.device)
-    return dense.scatter_(1, columns, delta.float())
+    return dense.scatter_(1, columns.long(), delta.float())
 
 
 # ---------------------------------------------------------------------------------------------- the separate bypass
@@ -258,7 +307,7 @@ _linear_bypass_op.register_autograd(_linear_bypass_backward, setup_context=_line
 def _composed_weight(weight_rows: Tensor, delta: Tensor, columns: Tensor) -> Tensor:
     """A temporary ``W + S``: a contiguous float32 copy of W with the deltas scattered in."""
     composed = weight_rows.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
-    return composed.scatter_add_(1, columns, delta.float())
+    return composed.scatter_add_(1, columns.long(), delta.float())
 
 
 def _transposed_f32(matrix: Tensor) -> Tensor:
@@ -279,12 +328,14 @@ def _sampled_product(grad_t: Tensor, x2d: Tensor, columns: Tensor, row_offsets: 
     strided operands), so x is transposed here."""
     x_t = _transposed_f32(x2d)
     out_features, k = columns.shape
-    sampled = torch.sparse_csr_tensor(
-        row_offsets,
-        columns.reshape(-1),
-        torch.zeros(out_features * k, dtype=torch.float32, device=grad_t.device),  # beta * NaN would be NaN
-        size=(out_features, x2d.shape[1]),
-        check_invariants=False,
-    )
-    product = torch.sparse.sampled_addmm(sampled, grad_t, x_t.T, beta=0.0)
+    with warnings.catch_warnings():  # PyTorch warns about CSR's beta status; scoped here, not process-wide
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        sampled = torch.sparse_csr_tensor(
+            row_offsets,
+            columns.reshape(-1),
+            torch.zeros(out_features * k, dtype=torch.float32, device=grad_t.device),  # beta * NaN would be NaN
+            size=(out_features, x2d.shape[1]),
+            check_invariants=False,
+        )
+        product = torch.sparse.sampled_addmm(sampled, grad_t, x_t.T, beta=0.0)
     return product.values().view(out_features, k)

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from . import quantized, sharding
 from .bypass import SparsePattern, build_pattern, choose_backend, dense_matrix, linear_with_bypass, sparse_bypass
 from .config import NeuroAdaConfig
-from .selection import layer_seed, select_per_neuron
+from .selection import layer_seed, precision_fragile_rows, select_per_neuron
 
 
 def supports(module: nn.Module) -> bool:
@@ -42,8 +42,12 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.neuroada_indices = BufferDict(persistent=True)
         self.bypass_backend: dict[str, str] = {}
         # Original weight entries at the selected positions, kept while an adapter is merged so that unmerge
-        # restores the base weight bit for bit (subtracting delta again would not, in bf16).
-        self._merged_originals: dict[str, torch.Tensor] = {}
+        # restores the base weight bit for bit (subtracting delta again would not, in bf16). Buffers, so that
+        # .to() / .half() move and cast them with the weight; not persistent, so never saved.
+        self._merged_originals = BufferDict(persistent=False)
+        # Rows whose selection a bf16/fp16 copy of the base could break differently (ties after rounding), with
+        # their indices: what an adapter saved without indices stores so that it reloads in another precision.
+        self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._patterns: dict[str, SparsePattern] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -66,16 +70,33 @@ class NeuroAdaLayer(BaseTunerLayer):
     def full_weight_rows(self) -> torch.Tensor:
         """The whole base weight as ``[out_features, in_features]``, gathered first when it is sharded (a DTensor,
         as under FSDP2 / tensor parallelism, or a DeepSpeed ZeRO-3 partition), so that selection sees every input of
-        every neuron."""
+        every neuron. Without the deltas of merged adapters: selection and its checks always see the base."""
+        base = self.get_base_layer()
+        if base.weight.is_meta:
+            raise ValueError(
+                "NeuroAda selects each neuron's connections from the base weights, but this layer's weight is on the "
+                "meta device (a model built with init_empty_weights / device_map='meta' before its weights were "
+                "loaded). Load the weights first (e.g. from_pretrained without init_empty_weights, or "
+                "load_checkpoint_and_dispatch), then call get_peft_model or PeftModel.from_pretrained.")
         if self.quantization:
-            return quantized.dequantized_weight(self.get_base_layer())
-        weight = sharding.full_copy(self.get_base_layer().weight)
-        return weight.T if self.is_conv1d else weight
+            if self.merged:
+                raise ValueError("cannot select connections on a quantized layer with merged adapters: the merge "
+                                 "rounded the base weight; call unmerge_adapter() first")
+            return quantized.dequantized_weight(base)
+        weight = sharding.full_copy(base.weight)
+        rows = weight.T if self.is_conv1d else weight
+        if self.merged_adapters:
+            rows = rows.clone()
+            for name in reversed(self.merged_adapters):
+                rows.scatter_(1, self.neuroada_indices[name].long(), self._merged_originals[name].to(rows))
+        return rows
 
     def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
         k = min(config.k, self.in_features)
         rows = self.full_weight_rows()
         indices = select_per_neuron(rows, k, config.selection, seed=layer_seed(config.seed, module_name))
+        if not config.save_indices:  # computed now, while every process holds the whole weight
+            self.pinned_rows[adapter_name] = self._pinned(rows, indices, config.selection)
         if config.init_weights:
             delta = torch.zeros(self.out_features, k, dtype=torch.float32, device=rows.device)
         else:
@@ -86,6 +107,19 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._patterns.pop(adapter_name, None)
         self.bypass_backend[adapter_name] = config.bypass_backend
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def pinned_rows_for(self, adapter_name: str, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of ``adapter_name``'s selection that a bf16/fp16 copy of the base could break differently, and
+        their indices (on the CPU)."""
+        if adapter_name not in self.pinned_rows:
+            self.pinned_rows[adapter_name] = self._pinned(self.full_weight_rows(), self.neuroada_indices[adapter_name],
+                                                          criterion)
+        return self.pinned_rows[adapter_name]
+
+    @staticmethod
+    def _pinned(rows: torch.Tensor, indices: torch.Tensor, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
+        fragile = precision_fragile_rows(rows, indices, criterion)
+        return fragile, indices.cpu()[fragile]
 
     def pattern(self, adapter_name: str) -> SparsePattern:
         """The op's index layouts, built once per selection. Loading indices into the buffer (load_state_dict)
@@ -113,6 +147,8 @@ class NeuroAdaLayer(BaseTunerLayer):
             self._merge_quantized(adapter_names, safe_merge)
             return
         base_weight = self.get_base_layer().weight
+        if base_weight.is_meta:
+            raise ValueError("cannot merge into a weight on the meta device; load the base weights first")
         with sharding.writable_whole([base_weight, *self.neuroada_delta.values()]):
             rows = self.weight_rows()
             for name in adapter_names:
@@ -157,13 +193,15 @@ class NeuroAdaLayer(BaseTunerLayer):
             rows = self.weight_rows()
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                rows.scatter_(1, self.neuroada_indices[name].long(), self._merged_originals.pop(name))
+                original = self._merged_originals.pop(name)
+                rows.scatter_(1, self.neuroada_indices[name].long(), original.to(device=rows.device, dtype=rows.dtype))
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.neuroada_delta:
             sharding.unregister_from_zero3(self, self.neuroada_delta[adapter_name])
         super().delete_adapter(adapter_name)
         self._patterns.pop(adapter_name, None)
+        self.pinned_rows.pop(adapter_name, None)
 
 
 class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
@@ -176,6 +214,12 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half(): the cached layouts are rebuilt on the new device at the next call, and the old
+        # copies freed now rather than kept on the old device.
+        self._patterns.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -184,7 +228,8 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.neuroada_delta]
-        backends = {name: self._backend_for(name, x, fusable=len(active) == 1 and not args and not kwargs)
+        fusable = len(active) == 1 and not args and not kwargs and self._fusable(x)
+        backends = {name: choose_backend(self.bypass_backend[name], x, self.neuroada_delta[name].shape[1], fusable)
                     for name in active}
         if len(active) == 1 and backends[active[0]] == "fused":
             base = self.get_base_layer()
@@ -196,25 +241,24 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
             result = result + bypass.to(result.dtype)
         return result
 
-    def _backend_for(self, adapter_name: str, x: torch.Tensor, fusable: bool) -> str:
-        """The configured backend, or for "auto" the cheapest one that is exact for this call. The fused path
-        replaces the base layer's own forward, so it needs a plain float32 frozen weight, no hooks on the base
-        layer and no autocast (which would run the base matmul in low precision)."""
-        backend = self.bypass_backend[adapter_name]
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether the fused path computes exactly what calling the base layer would: its forward is nn.Linear's
+        or Conv1D's own (not a subclass's), nothing hooks it (its own or global hooks), and its weight is a plain
+        frozen float32 tensor outside autocast (which would run the base matmul in low precision)."""
         base = self.get_base_layer()
-        fusable = (
-            fusable
+        plain_forward = Conv1D.forward if self.is_conv1d else nn.Linear.forward
+        hooks = nn.modules.module
+        return (
+            type(base).forward is plain_forward
+            and type(base).__call__ is nn.Module.__call__
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
             and base.weight.dtype == torch.float32
             and not base.weight.requires_grad
-            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not self.quantization
             and not sharding.is_zero3_partitioned(base.weight)
             and not torch.is_autocast_enabled(x.device.type)
         )
-        if backend == "auto" or (backend == "fused" and not fusable):  # "fused" where it applies, else the best other
-            tokens = x.numel() // max(x.shape[-1], 1)
-            k = self.neuroada_delta[adapter_name].shape[1]
-            return choose_backend(tokens, self.in_features, k, x.device, fusable)
-        return backend
 
     def __repr__(self) -> str:
         return "neuroada." + super().__repr__()
