@@ -271,13 +271,27 @@ def test_meta_device_base_is_refused_with_the_fix():
     assert module_tree(model) == tree
 
 
-def test_importing_neuroada_installs_no_global_warning_filter():
+def test_importing_neuroada_installs_no_global_warning_filter_and_needs_no_cli_packages():
     import subprocess
     import sys
 
-    script = ("import warnings; import torch, peft, transformers; before = list(warnings.filters); import neuroada; "
-              "assert warnings.filters == before, [f for f in warnings.filters if f not in before]")
+    # (PEFT itself may import bitsandbytes and yaml; what counts is what importing neuroada adds)
+    script = ("import sys, warnings; import torch, peft, transformers; before = list(warnings.filters); "
+              "modules = set(sys.modules); import neuroada; "
+              "assert warnings.filters == before, [f for f in warnings.filters if f not in before]; "
+              "added = {'datasets', 'matplotlib', 'yaml', 'bitsandbytes', 'deepspeed'} & (set(sys.modules) - modules); "
+              "assert not added, added")
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_library_requirements_leave_the_command_line_packages_to_its_extra():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("<")[0].split("=")[0].strip() for d in project["dependencies"]}
+    assert names == {"torch", "transformers", "peft", "safetensors", "accelerate"}
+    assert {"datasets", "matplotlib", "pyyaml"} <= {d.split(">")[0] for d in project["optional-dependencies"]["cli"]}
 
 
 def test_index_layouts_are_int32_and_dropped_on_a_device_move():
