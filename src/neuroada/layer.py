@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Optional
 
@@ -204,6 +205,23 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.pinned_rows.pop(adapter_name, None)
 
 
+@functools.lru_cache(maxsize=16)
+def _sample_groups(adapter_names: tuple[str, ...], device: torch.device) -> tuple[tuple[str, Any], ...]:
+    """``(name, rows)`` per distinct name, in order of first appearance; ``rows`` is a slice where the name's samples
+    are consecutive (a view of the batch, no copy), else an index tensor on ``device``. Cached, since every adapted
+    layer of a forward (and every decoding step of a generate call) asks for the same names."""
+    positions: dict[str, list[int]] = {}
+    for index, name in enumerate(adapter_names):
+        positions.setdefault(name, []).append(index)
+    groups = []
+    for name, indices in positions.items():
+        if indices[-1] - indices[0] + 1 == len(indices):
+            groups.append((name, slice(indices[0], indices[-1] + 1)))
+        else:
+            groups.append((name, torch.tensor(indices, dtype=torch.long, device=device)))
+    return tuple(groups)
+
+
 class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
     """NeuroAda around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
@@ -221,13 +239,21 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.neuroada_delta]
+        return self._forward_with(x, self.active_adapters, *args, **kwargs)
+
+    def _forward_with(self, x: torch.Tensor, adapter_names, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer plus the bypasses of ``adapter_names`` (those this layer holds) on the whole batch."""
+        active = [name for name in adapter_names if name in self.neuroada_delta]
         fusable = len(active) == 1 and not args and not kwargs and self._fusable(x)
         backends = {name: choose_backend(self.bypass_backend[name], x, self.neuroada_delta[name].shape[1], fusable)
                     for name in active}
@@ -239,6 +265,46 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         for name in active:
             bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), backends[name])
             result = result + bypass.to(result.dtype)
+        return result
+
+    # ------------------------------------------------------------------ mixed-adapter batches (PEFT's adapter_names)
+
+    def _check_forward_args(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Refuse ``adapter_names`` that cannot be honoured, with the messages of PEFT's LoRA layers."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            # a merged adapter is in W for every sample; the per-sample choice could not take it out
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        """Sample ``n`` of the batch gets the bypass of ``adapter_names[n]`` ("__base__", or an adapter this layer
+        does not hold: none). The base layer runs once on the whole batch; each adapter's bypass runs on its own
+        samples only and is added into theirs, so the cost is the base plus O(tokens * out * k) per adapter."""
+        groups = _sample_groups(tuple(adapter_names), x.device)
+        if len(groups) == 1:  # one name for the whole batch: the ordinary path (the fused layer where it applies)
+            return self._forward_with(x, [groups[0][0]], *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name, rows in groups:
+            if name not in self.neuroada_delta:
+                continue
+            delta = self.neuroada_delta[name]
+            samples = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+            # the fused backend replaces the whole layer, which is shared by the batch here: the rule picks another
+            backend = choose_backend(self.bypass_backend[name], samples, delta.shape[1], fusable=False)
+            bypass = sparse_bypass(samples, delta, self.pattern(name), backend).to(result.dtype)
+            if isinstance(rows, slice):
+                result[rows] += bypass
+            else:
+                result.index_add_(0, rows, bypass)
         return result
 
     def _fusable(self, x: torch.Tensor) -> bool:

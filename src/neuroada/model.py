@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+from functools import partial
 from typing import Optional
 
 import torch
@@ -107,6 +109,49 @@ class NeuroAdaModel(BaseTuner):
         for param, flag in getattr(self, "_requires_grad_before_injection", {}).items():
             param.requires_grad_(flag)
 
+    # ------------------------------------------------------------------ mixed-adapter batches
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """``model(..., adapter_names=[...])`` / ``generate(..., adapter_names=[...])``: one adapter name per sample
+        ("__base__" for the base model), handed to every NeuroAda layer (and modules_to_save copy) by a forward
+        pre-hook, as PEFT does for LoRA, with LoRA's checks and messages. PeftModel calls this around its forward
+        and generate."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        # Checked here, not per layer: a layer need not hold every adapter, but a typo must not pass silently.
+        known = set().union(*(layer.neuroada_delta.keys() for layer in self._layers()))
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        per_input = list(adapter_names)
+        if isinstance(num_beams, int) and num_beams > 1:
+            if not isinstance(adapter_names, (list, tuple)):
+                raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+            # beam search repeats each input num_beams times (the encoder of an encoder-decoder model excepted)
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = []
+        try:
+            for module in self.modules():
+                if isinstance(module, (NeuroAdaLayer, AuxiliaryTrainingWrapper)):
+                    hook = partial(_inject_adapter_names, adapter_names=adapter_names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            encoder = _encoder_of(self.model)
+            if encoder is not None and len(adapter_names) != len(per_input):
+                for module in encoder.modules():  # registered last, so it overrides the repeated names
+                    if isinstance(module, (NeuroAdaLayer, AuxiliaryTrainingWrapper)):
+                        hook = partial(_inject_adapter_names, adapter_names=per_input)
+                        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     # ------------------------------------------------------------------ merge
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -175,6 +220,17 @@ class NeuroAdaModel(BaseTuner):
             if isinstance(tuner, NeuroAdaModel):
                 tuner._undo_adapter(adapter_name)
             raise
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _encoder_of(model: nn.Module) -> Optional[nn.Module]:
+    """The encoder of an encoder-decoder model, else None (transformers v5 returns the model itself)."""
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+    return None if encoder is model else encoder
 
 
 def _named_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLayer]:

@@ -1,0 +1,130 @@
+"""Many adapters on one base: mixed-adapter batches (PEFT's ``adapter_names=``) and switching adapters cheaply."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from neuroada import NeuroAdaConfig, NeuroAdaLayer
+from conftest import MODEL_FACTORIES
+
+BACKENDS = ("auto", "gather", "dense", "fused", "triton")
+
+
+def with_adapters(factory, backend="auto", **extra):
+    """A model holding three adapters with random (non-zero) deltas and different selections and k."""
+    model = get_peft_model(factory(), NeuroAdaConfig(k=2, init_weights=False, bypass_backend=backend, **extra), "math")
+    model.add_adapter("chat", NeuroAdaConfig(k=3, selection="random", seed=5, init_weights=False, bypass_backend=backend,
+                                          **extra))
+    model.add_adapter("code", NeuroAdaConfig(k=1, init_weights=False, bypass_backend=backend, **extra))
+    with torch.no_grad():  # larger than the 0.02 initialisation, so that each adapter moves the logits visibly
+        for layer in layers(model):
+            for delta in layer.neuroada_delta.values():
+                delta.mul_(10)
+    return model.eval()
+
+
+def layers(model):
+    return [m for m in model.modules() if isinstance(m, NeuroAdaLayer)]
+
+
+def alone(model, name, run):
+    """``run()`` with only ``name`` active ("__base__": with the adapters disabled)."""
+    if name == "__base__":
+        with model.disable_adapter():
+            return run()
+    previous = model.active_adapter
+    model.set_adapter(name)
+    try:
+        return run()
+    finally:
+        model.set_adapter(previous)
+
+
+NAMES = ["chat", "__base__", "math", "chat", "code"]
+
+
+@pytest.fixture
+def batch():
+    return torch.randint(0, 96, (len(NAMES), 7), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_equals_each_sample_alone(model_factory, batch, backend):
+    model = with_adapters(model_factory, backend)
+    with torch.no_grad():
+        mixed = model(input_ids=batch, adapter_names=NAMES).logits
+        expected = [alone(model, name, lambda: model(input_ids=batch[i : i + 1]).logits[0])
+                    for i, name in enumerate(NAMES)]
+    # the adapters differ from each other and from the base, so a mixed batch that ignored the names would fail
+    assert (expected[0] - expected[1]).abs().max() > 1e-2
+    assert (expected[1] - expected[2]).abs().max() > 1e-2
+    for i, name in enumerate(NAMES):
+        torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=1e-5, msg=f"sample {i} ({name})")
+
+
+def test_mixed_batch_greedy_generation_equals_each_sample_alone(model_factory, batch):
+    model = with_adapters(model_factory)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    mask = torch.ones_like(batch)
+    mixed = model.generate(input_ids=batch, attention_mask=mask, adapter_names=NAMES, **settings)
+    for i, name in enumerate(NAMES):
+        expected = alone(model, name, lambda: model.generate(input_ids=batch[i : i + 1], attention_mask=mask[i : i + 1],
+                                                             **settings))
+        assert torch.equal(mixed[i], expected[0]), f"sample {i} ({name})"
+
+
+def test_mixed_batch_beam_search_repeats_names_per_beam(batch):
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    settings = dict(max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
+    mixed = model.generate(input_ids=batch[:3], adapter_names=NAMES[:3], **settings)
+    for i, name in enumerate(NAMES[:3]):
+        expected = alone(model, name, lambda: model.generate(input_ids=batch[i : i + 1], **settings))
+        assert torch.equal(mixed[i], expected[0]), f"sample {i} ({name})"
+
+
+def test_one_name_for_the_whole_batch_equals_setting_it_active(batch):
+    model = with_adapters(MODEL_FACTORIES["gpt2"])
+    with torch.no_grad():
+        mixed = model(input_ids=batch, adapter_names=["code"] * len(batch)).logits
+        base = model(input_ids=batch, adapter_names=["__base__"] * len(batch)).logits
+        expected = alone(model, "code", lambda: model(input_ids=batch).logits)
+        expected_base = alone(model, "__base__", lambda: model(input_ids=batch).logits)
+    torch.testing.assert_close(mixed, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(base, expected_base, atol=1e-6, rtol=1e-6)
+
+
+def test_modules_to_save_follow_the_names_too(batch):
+    model = with_adapters(MODEL_FACTORIES["llama"], target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["chat"].weight.mul_(2)  # make "chat"'s copy differ
+        mixed = model(input_ids=batch, adapter_names=NAMES).logits
+        for i, name in enumerate(NAMES):
+            expected = alone(model, name, lambda: model(input_ids=batch[i : i + 1]).logits[0])
+            torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=1e-5, msg=f"sample {i} ({name})")
+
+
+def test_unknown_adapter_name_is_refused(batch):
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    with pytest.raises(ValueError, match="Trying to infer with non-existing adapter\\(s\\): nope, nope2"):
+        model(input_ids=batch[:3], adapter_names=["math", "nope2", "nope"])
+
+
+def test_adapter_names_of_the_wrong_length_are_refused(batch):
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs, but "
+                                         "got 2 and 5 respectively"):
+        model(input_ids=batch, adapter_names=["math", "chat"])
+
+
+def test_adapter_names_on_a_merged_model_are_refused(batch):
+    model = with_adapters(MODEL_FACTORIES["gpt2"])
+    model.merge_adapter(["math"])
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters, please call "
+                                         "`unmerge_adapter` first"):
+        model(input_ids=batch, adapter_names=NAMES)
+
+
+def test_adapter_names_in_training_mode_are_refused(batch):
+    model = with_adapters(MODEL_FACTORIES["llama"]).train()
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
+        model(input_ids=batch, adapter_names=NAMES)
