@@ -128,3 +128,127 @@ def test_adapter_names_in_training_mode_are_refused(batch):
     model = with_adapters(MODEL_FACTORIES["llama"]).train()
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
         model(input_ids=batch, adapter_names=NAMES)
+
+
+def test_peft_model_calls_the_forward_hooks_we_provide():
+    # PeftModel strips adapter_names from the kwargs and hands them to the tuner's _enable_peft_forward_hooks only;
+    # if a PEFT release stops calling it, mixed batches would silently get the active adapter again.
+    import inspect
+
+    from peft import PeftModel, PeftModelForCausalLM
+
+    for method in (PeftModel.forward, PeftModel.generate, PeftModelForCausalLM.forward, PeftModelForCausalLM.generate):
+        assert "_enable_peft_forward_hooks" in inspect.getsource(method), method.__qualname__
+
+
+# ---------------------------------------------------------------------------------------------- switching adapters
+
+
+class NewStorages(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every tensor an op allocates (outputs that share no storage with an input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append(t.numel())
+        return out
+
+    @property
+    def largest(self):
+        return max(self.sizes, default=0)
+
+
+def base_weights(model):
+    return {name: layer.get_base_layer().weight for name, layer in model.named_modules()
+            if isinstance(layer, NeuroAdaLayer)}
+
+
+def selected_mask(layer, names):
+    """Where the adapters ``names`` select entries of the layer's base weight (in the weight's own layout)."""
+    mask = torch.zeros(layer.out_features, layer.in_features, dtype=torch.bool)
+    for name in names:
+        mask.scatter_(1, layer.neuroada_indices[name].long(), True)
+    return mask.T if layer.is_conv1d else mask
+
+
+def test_switching_the_merged_adapter_writes_only_the_selected_entries(model_factory, batch):
+    model = with_adapters(model_factory)
+    model.set_adapter("math")
+    model.merge_adapter()
+    before = {name: w.detach().clone() for name, w in base_weights(model).items()}
+    pointers = {name: w.data_ptr() for name, w in base_weights(model).items()}
+    smallest_weight = min(w.numel() for w in before.values())
+    largest_adapter = max(d.numel() for layer in layers(model) for d in layer.neuroada_delta.values())
+    with NewStorages() as allocations:
+        model.unmerge_adapter()
+        model.set_adapter("chat")
+        model.merge_adapter()
+    assert allocations.largest <= largest_adapter < smallest_weight  # O(out * k) temporaries, nothing W-sized
+    changed_anywhere = False
+    for (name, weight), layer in zip(base_weights(model).items(), layers(model)):
+        assert weight.data_ptr() == pointers[name]
+        changed = weight.detach() != before[name]
+        assert not (changed & ~selected_mask(layer, ["math", "chat"])).any(), name
+        changed_anywhere |= bool(changed.any())
+    assert changed_anywhere
+    with torch.no_grad():  # and the switch gave the merged model of "chat"
+        merged = model(input_ids=batch).logits
+        model.unmerge_adapter()
+        torch.testing.assert_close(merged, model(input_ids=batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_adding_switching_and_deleting_adapters_leaves_the_base_weights_alone(model_factory, tmp_path, batch):
+    trained = with_adapters(model_factory)
+    trained.save_pretrained(tmp_path)  # one folder per adapter
+    model = PeftModel.from_pretrained(model_factory(), tmp_path / "math", adapter_name="math")
+    weights = base_weights(model)
+    before = {name: (w.data_ptr(), w.detach().clone()) for name, w in weights.items()}
+    smallest_weight = min(w.numel() for w in weights.values())
+
+    def held_bytes():
+        tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                   for t in [*model.parameters(), *model.buffers()]}
+        return sum(tensors.values())
+
+    held = held_bytes()
+    model.load_adapter(tmp_path / "chat", adapter_name="chat")
+    added = sum(t.untyped_storage().nbytes() for layer in layers(model)
+                for t in (layer.neuroada_delta["chat"], layer.neuroada_indices["chat"]))
+    assert held_bytes() == held + added  # the adapter's own tensors, no copy of a base weight kept
+    with NewStorages() as allocations:
+        model.set_adapter("chat")
+    with torch.no_grad():
+        chat = model(input_ids=batch).logits
+    with NewStorages() as more_allocations:
+        model.set_adapter("math")
+        model.delete_adapter("chat")
+    assert max(allocations.largest, more_allocations.largest) < smallest_weight
+    assert held_bytes() == held
+    for name, weight in base_weights(model).items():
+        assert weight.data_ptr() == before[name][0] and torch.equal(weight, before[name][1]), name
+    torch.testing.assert_close(chat, alone(trained, "chat", lambda: trained(input_ids=batch).logits))
+
+
+def test_peft_hotswap_refuses_neuroada_and_the_documented_equivalent_works(tmp_path, batch):
+    from peft.utils.hotswap import hotswap_adapter
+
+    factory = MODEL_FACTORIES["llama"]
+    trained = with_adapters(factory)
+    trained.save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(factory(), tmp_path / "math")  # as "default"
+    with pytest.raises(ValueError, match="Hotswapping only supports"):
+        hotswap_adapter(model, str(tmp_path / "code"), adapter_name="default")
+    # the equivalent (README): load beside, activate, drop the old one
+    model.load_adapter(tmp_path / "code", adapter_name="code")
+    model.set_adapter("code")
+    model.delete_adapter("default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=batch).logits,
+                                   alone(trained, "code", lambda: trained(input_ids=batch).logits))
