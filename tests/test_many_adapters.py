@@ -252,3 +252,23 @@ def test_peft_hotswap_refuses_neuroada_and_the_documented_equivalent_works(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=batch).logits,
                                    alone(trained, "code", lambda: trained(input_ids=batch).logits))
+
+
+def test_merge_onloads_layers_only_where_accelerate_hooks_exist(monkeypatch):
+    # merge_adapter skips PEFT's onload_layer walk (slower than a k=1 merge) unless a module carries an accelerate
+    # hook, as the modules of an offloaded model do
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    import neuroada.model
+
+    onloaded = []
+    real = neuroada.model.onload_layer
+    monkeypatch.setattr(neuroada.model, "onload_layer", lambda layer: onloaded.append(layer) or real(layer))
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    model.merge_adapter(["math"])
+    model.unmerge_adapter()
+    assert onloaded == []
+    add_hook_to_module(layers(model)[0].get_base_layer(), ModelHook())
+    model.merge_adapter(["math"])
+    model.unmerge_adapter()
+    assert onloaded == layers(model) * 2

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, onload_layer
 from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -156,25 +156,43 @@ class NeuroAdaModel(BaseTuner):
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         names = adapter_names if adapter_names is not None else self.active_adapters
-        layers = self._layers()
+        layers, offloaded = self._layers_and_offload()
         if layers and all(set(names) <= set(layer.merged_adapters) for layer in layers):
             warnings.warn(
                 f"NeuroAda adapter(s) {names} are already merged into every adapted layer; merging again would add "
                 "the deltas twice, so nothing was done. Call unmerge_adapter() first to merge again."
             )
             return
+        self._check_merge_allowed()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already following adapters were merged")
-            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+            for layer in layers:
+                with onload_layer(layer) if offloaded else nullcontext():
+                    layer.merge(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        if not any(layer.merged for layer in self._layers()):
+        layers, offloaded = self._layers_and_offload()
+        if not any(layer.merged for layer in layers):
             warnings.warn("No NeuroAda adapter is merged, so there is nothing to unmerge; the model is unchanged.")
             return
-        super().unmerge_adapter()
+        for layer in layers:
+            if layer.merged:
+                with onload_layer(layer) if offloaded else nullcontext():
+                    layer.unmerge()
 
     def _layers(self) -> list[NeuroAdaLayer]:
         return [module for module in self.model.modules() if isinstance(module, NeuroAdaLayer)]
+
+    def _layers_and_offload(self) -> tuple[list[NeuroAdaLayer], bool]:
+        """The NeuroAda layers, and whether any module carries an accelerate hook (an offloaded model). PEFT's own
+        merge loop walks every layer's submodules for offloaded ones (onload_layer), which took more time than the
+        merge itself when switching a k=1 adapter; here that walk happens only where accelerate hooks exist."""
+        layers, offloaded = [], False
+        for module in self.model.modules():
+            offloaded = offloaded or "_hf_hook" in vars(module)  # set as a plain attribute by accelerate
+            if isinstance(module, NeuroAdaLayer):
+                layers.append(module)
+        return layers, offloaded
 
     # ------------------------------------------------------------------ save / load
 
