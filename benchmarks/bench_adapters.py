@@ -2,7 +2,7 @@
 NeuroAda against LoRA, side by side in one process, on a SmolLM2-135M-shaped Llama (random weights: timings only;
 all seven projections adapted), fp32 on CPU.
 
-    python benchmarks/bench_adapters.py [--seq 16] [--repeats 3] [--smoke]
+    python benchmarks/bench_adapters.py [--seq 16] [--repeats 3] [--switch-repeats 9] [--smoke]
 
 - switch: with one adapter merged, unmerge it and merge another one of the same kind (NeuroAda k=1 and k=20: a
   scatter of the [out, k] selected entries; LoRA r=8: W += B A, a dense [out, in] product per layer), against
@@ -13,8 +13,9 @@ all seven projections adapted), fp32 on CPU.
   sequence (prefill) and for 1 token per sequence (a decoding step's shape, without a KV cache);
 - memory: the bytes of one adapter's tensors in the model, times 100.
 
-Timed workloads run interleaved (one of each per round, ``--repeats`` rounds) and medians are reported, so that
-noise from other processes hits them alike; ratios are taken within a round-robin in one process.
+Timed workloads run interleaved (one of each per round, ``--switch-repeats`` / ``--repeats`` rounds) and medians are
+reported, so that noise from other processes hits them alike; ratios are taken within a round-robin in one process.
+The default run takes about 4 minutes on a loaded 2-core machine (half of it building the models: the selection).
 """
 
 from __future__ import annotations
@@ -129,10 +130,11 @@ def mixed_forward(model, tokens, names):
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=16, help="tokens per sequence of the prefill batch (default 16)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the mixed batches (default 3)")
+    parser.add_argument("--switch-repeats", type=int, default=9, help="timed rounds of the switches (default 9)")
     parser.add_argument("--smoke", action="store_true", help="a toy model and one round: checks that it runs")
     args = parser.parse_args(argv)
-    repeats = 1 if args.smoke else args.repeats
+    repeats, switch_repeats = (1, 1) if args.smoke else (args.repeats, args.switch_repeats)
 
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_model, save_model
@@ -173,7 +175,7 @@ def main(argv=None) -> str:
             "NeuroAda k=20": merged_switch(neuroada_model, "k20-0", "k20-1"),
             "LoRA r=8": merged_switch(lora_model, lora[0], lora[1]),
             "reload a merged model": lambda: load_model(plain, merged_file),
-        }, repeats)
+        }, switch_repeats)
     neuroada_model.unmerge_adapter()
     lora_model.unmerge_adapter()
 
@@ -198,8 +200,8 @@ def main(argv=None) -> str:
               "LoRA r=8": adapter_bytes(lora_model, lora[0])}
 
     shape = "toy Llama (--smoke)" if args.smoke else "SmolLM2-135M-shaped Llama"
-    report = [f"{shape}, fp32, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
-              f"{repeats} interleaved rounds\n"]
+    report = [f"{shape}, fp32, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, medians of "
+              f"{switch_repeats} (switch) and {repeats} (mixed batches) interleaved rounds\n"]
     floor = switch["NeuroAda k=1"]
     report.append(markdown_table(
         ["switch the merged adapter", "seconds", "vs NeuroAda k=1"],
