@@ -11,11 +11,13 @@ BACKENDS = ("auto", "gather", "dense", "fused", "triton")
 
 
 def with_adapters(factory, backend="auto", **extra):
-    """A model holding three adapters with random (non-zero) deltas and different selections and k."""
+    """A model holding four adapters with random (non-zero) deltas, three selections and three k."""
     model = get_peft_model(factory(), NeuroAdaConfig(k=2, init_weights=False, bypass_backend=backend, **extra), "math")
     model.add_adapter("chat", NeuroAdaConfig(k=3, selection="random", seed=5, init_weights=False, bypass_backend=backend,
                                           **extra))
     model.add_adapter("code", NeuroAdaConfig(k=1, init_weights=False, bypass_backend=backend, **extra))
+    # the same selection as "math" (same k and criterion on the same base), other deltas
+    model.add_adapter("sums", NeuroAdaConfig(k=2, init_weights=False, bypass_backend=backend, **extra))
     with torch.no_grad():  # larger than the 0.02 initialisation, so that each adapter moves the logits visibly
         for layer in layers(model):
             for delta in layer.neuroada_delta.values():
@@ -40,7 +42,7 @@ def alone(model, name, run):
         model.set_adapter(previous)
 
 
-NAMES = ["chat", "__base__", "math", "chat", "code"]
+NAMES = ["chat", "__base__", "math", "sums", "chat", "code", "math"]
 
 
 @pytest.fixture
@@ -48,8 +50,17 @@ def batch():
     return torch.randint(0, 96, (len(NAMES), 7), generator=torch.Generator().manual_seed(3))
 
 
+@pytest.fixture(params=["shared", "per-adapter"])
+def shared_gather(request, monkeypatch):
+    """Both ways of computing adapters that share a selection: one gather for all (small batches), or one op call
+    per adapter (large ones)."""
+    if request.param == "per-adapter":
+        monkeypatch.setattr("neuroada.layer._SHARED_GATHER_MAX_ENTRIES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_equals_each_sample_alone(model_factory, batch, backend):
+def test_mixed_batch_equals_each_sample_alone(model_factory, batch, backend, shared_gather):
     model = with_adapters(model_factory, backend)
     with torch.no_grad():
         mixed = model(input_ids=batch, adapter_names=NAMES).logits
@@ -58,11 +69,31 @@ def test_mixed_batch_equals_each_sample_alone(model_factory, batch, backend):
     # the adapters differ from each other and from the base, so a mixed batch that ignored the names would fail
     assert (expected[0] - expected[1]).abs().max() > 1e-2
     assert (expected[1] - expected[2]).abs().max() > 1e-2
+    assert (expected[2] - expected[3]).abs().max() > 1e-2  # "math" and "sums" share a selection, not the deltas
     for i, name in enumerate(NAMES):
         torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=1e-5, msg=f"sample {i} ({name})")
 
 
-def test_mixed_batch_greedy_generation_equals_each_sample_alone(model_factory, batch):
+def test_a_selection_loaded_after_a_mixed_batch_is_not_taken_for_a_shared_one(batch):
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    with torch.no_grad():
+        model(input_ids=batch, adapter_names=NAMES)  # "math" and "sums" computed together
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, NeuroAdaLayer):
+            rows = [torch.randperm(layer.in_features, generator=generator)[:2].sort().values
+                    for _ in range(layer.out_features)]
+            state[f"{name}.neuroada_indices.sums"] = torch.stack(rows).to(layer.neuroada_indices["sums"].dtype)
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        mixed = model(input_ids=batch, adapter_names=NAMES).logits
+        for i, name in enumerate(NAMES):
+            expected = alone(model, name, lambda: model(input_ids=batch[i : i + 1]).logits[0])
+            torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=1e-5, msg=f"sample {i} ({name})")
+
+
+def test_mixed_batch_greedy_generation_equals_each_sample_alone(model_factory, batch, shared_gather):
     model = with_adapters(model_factory)
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     mask = torch.ones_like(batch)
@@ -112,7 +143,7 @@ def test_unknown_adapter_name_is_refused(batch):
 def test_adapter_names_of_the_wrong_length_are_refused(batch):
     model = with_adapters(MODEL_FACTORIES["llama"])
     with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs, but "
-                                         "got 2 and 5 respectively"):
+                                         "got 2 and 7 respectively"):
         model(input_ids=batch, adapter_names=["math", "chat"])
 
 

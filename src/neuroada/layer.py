@@ -15,7 +15,13 @@ from transformers.pytorch_utils import Conv1D
 from . import quantized, sharding
 from .bypass import SparsePattern, build_pattern, choose_backend, dense_matrix, linear_with_bypass, sparse_bypass
 from .config import NeuroAdaConfig
-from .selection import layer_seed, precision_fragile_rows, select_per_neuron
+from .selection import layer_seed, precision_fragile_rows, select_per_neuron, selection_fingerprint
+
+
+# Mixed-adapter batches: adapters that share a selection are computed together by one gather while it holds at most
+# this many entries (samples x tokens x out x k: 64 MiB in float32, as for a decoding step or a short prompt); larger
+# batches take one op call per adapter, whose fixed cost they amortise.
+_SHARED_GATHER_MAX_ENTRIES = 1 << 24
 
 
 def supports(module: nn.Module) -> bool:
@@ -50,6 +56,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         # their indices: what an adapter saved without indices stores so that it reloads in another precision.
         self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._patterns: dict[str, SparsePattern] = {}
+        self._selection_keys: dict[str, tuple[SparsePattern, str]] = {}  # see _selection_key (mixed batches)
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -134,6 +141,7 @@ class NeuroAdaLayer(BaseTunerLayer):
     @staticmethod
     def _forget_patterns(module, incompatible_keys) -> None:
         module._patterns.clear()
+        module._selection_keys.clear()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter as a dense matrix shaped like the base weight (float32)."""
@@ -202,6 +210,7 @@ class NeuroAdaLayer(BaseTunerLayer):
             sharding.unregister_from_zero3(self, self.neuroada_delta[adapter_name])
         super().delete_adapter(adapter_name)
         self._patterns.pop(adapter_name, None)
+        self._selection_keys.pop(adapter_name, None)
         self.pinned_rows.pop(adapter_name, None)
 
 
@@ -222,6 +231,21 @@ def _sample_groups(adapter_names: tuple[str, ...], device: torch.device) -> tupl
     return tuple(groups)
 
 
+def _count(rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_rows(adapter_names: tuple[str, ...], names: tuple[str, ...], device: torch.device):
+    """For the samples of a batch whose adapter is one of ``names``: their positions in the batch (None when that is
+    the whole batch, in order) and the position of each one's adapter in ``names``."""
+    slot_of = {name: slot for slot, name in enumerate(names)}
+    rows = [index for index, name in enumerate(adapter_names) if name in slot_of]
+    slots = torch.tensor([slot_of[adapter_names[index]] for index in rows], dtype=torch.long, device=device)
+    whole = rows == list(range(len(adapter_names)))
+    return (None if whole else torch.tensor(rows, dtype=torch.long, device=device)), slots
+
+
 class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
     """NeuroAda around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
@@ -236,6 +260,7 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         # .to() / .cuda() / .half(): the cached layouts are rebuilt on the new device at the next call, and the old
         # copies freed now rather than kept on the old device.
         self._patterns.clear()
+        self._selection_keys.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -293,19 +318,61 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         if len(groups) == 1:  # one name for the whole batch: the ordinary path (the fused layer where it applies)
             return self._forward_with(x, [groups[0][0]], *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        tokens_per_sample = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
+        by_selection: dict[str, list[tuple[str, Any]]] = {}
         for name, rows in groups:
-            if name not in self.neuroada_delta:
+            if name in self.neuroada_delta:
+                by_selection.setdefault(self._selection_key(name), []).append((name, rows))
+        for members in by_selection.values():
+            samples = sum(_count(rows) for _, rows in members)
+            entries = samples * tokens_per_sample * self.neuroada_delta[members[0][0]].numel()
+            if len(members) > 1 and entries <= _SHARED_GATHER_MAX_ENTRIES:
+                self._add_shared_selection(result, x, adapter_names, [name for name, _ in members])
                 continue
-            delta = self.neuroada_delta[name]
-            samples = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-            # the fused backend replaces the whole layer, which is shared by the batch here: the rule picks another
-            backend = choose_backend(self.bypass_backend[name], samples, delta.shape[1], fusable=False)
-            bypass = sparse_bypass(samples, delta, self.pattern(name), backend).to(result.dtype)
-            if isinstance(rows, slice):
-                result[rows] += bypass
-            else:
-                result.index_add_(0, rows, bypass)
+            for name, rows in members:
+                delta = self.neuroada_delta[name]
+                part = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+                # the fused backend replaces the whole layer, which the batch shares here: the rule picks another
+                backend = choose_backend(self.bypass_backend[name], part, delta.shape[1], fusable=False)
+                bypass = sparse_bypass(part, delta, self.pattern(name), backend).to(result.dtype)
+                if isinstance(rows, slice):
+                    result[rows] += bypass
+                else:
+                    result.index_add_(0, rows, bypass)
         return result
+
+    def _add_shared_selection(self, result: torch.Tensor, x: torch.Tensor, adapter_names, names: list[str]) -> None:
+        """The bypasses of adapters that select the same connections in this layer (same k and criterion on the same
+        base: the usual case), for all their samples at once: one gather of the selected inputs, times each sample's
+        own deltas. A handful of ops whatever the number of adapters, where one op call per adapter costs a fixed
+        overhead each (most of the time of a decoding step over many adapters)."""
+        rows, slots = _shared_rows(tuple(adapter_names), tuple(names), x.device)
+        part = x if rows is None else x.index_select(0, rows)
+        columns = self.pattern(names[0]).columns
+        out_features, k = columns.shape
+        deltas = torch.stack([self.neuroada_delta[name] for name in names]).float().index_select(0, slots)
+        gathered = part.index_select(-1, columns.reshape(-1)).reshape(*part.shape[:-1], out_features, k)
+        deltas = deltas.reshape(len(slots), *[1] * (part.dim() - 2), out_features, k)
+        bypass = (gathered.float() * deltas).sum(-1).to(result.dtype)
+        if rows is None:
+            result += bypass
+        else:
+            result.index_add_(0, rows, bypass)
+
+    def _selection_key(self, name: str) -> str:
+        """Equal for the adapters of this layer whose selections are equal. Kept with the index layouts it was
+        computed from, so that it is computed again whenever they are (new indices, another device)."""
+        pattern = self.pattern(name)
+        cached = self._selection_keys.get(name)
+        if cached is not None and cached[0] is pattern:
+            return cached[1]
+        key = selection_fingerprint(pattern.columns)
+        for other, (other_pattern, other_key) in self._selection_keys.items():
+            if other != name and other_key == key and not torch.equal(other_pattern.columns, pattern.columns):
+                key = f"{key}:{name}"  # a hash collision: keep this selection apart
+                break
+        self._selection_keys[name] = (pattern, key)
+        return key
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether the fused path computes exactly what calling the base layer would: its forward is nn.Linear's
