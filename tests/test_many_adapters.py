@@ -60,8 +60,17 @@ def shared_gather(request, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_equals_each_sample_alone(model_factory, batch, backend, shared_gather):
-    model = with_adapters(model_factory, backend)
+def test_mixed_batch_equals_each_sample_alone(model_factory, batch, backend, monkeypatch):
+    monkeypatch.setattr("neuroada.layer._SHARED_GATHER_MAX_ENTRIES", 0)  # one op call per adapter, in this backend
+    assert_mixed_batch_equals_each_sample_alone(with_adapters(model_factory, backend), batch)
+
+
+def test_mixed_batch_with_shared_selections_equals_each_sample_alone(model_factory, batch):
+    # "math" and "sums" computed together by one gather (backend-independent)
+    assert_mixed_batch_equals_each_sample_alone(with_adapters(model_factory), batch)
+
+
+def assert_mixed_batch_equals_each_sample_alone(model, batch):
     with torch.no_grad():
         mixed = model(input_ids=batch, adapter_names=NAMES).logits
         expected = [alone(model, name, lambda: model(input_ids=batch[i : i + 1]).logits[0])
