@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import quantized, sharding
-from .bypass import SparsePattern, build_pattern, choose_backend, dense_matrix, linear_with_bypass, sparse_bypass
+from .bypass import (SparsePattern, build_pattern, choose_backend, dense_matrix, keeps_columns, linear_with_bypass,
+                     sparse_bypass)
 from .config import NeuroAdaConfig
 from .selection import layer_seed, precision_fragile_rows, select_per_neuron
 
@@ -49,6 +51,12 @@ class NeuroAdaLayer(BaseTunerLayer):
         # their indices: what an adapter saved without indices stores so that it reloads in another precision.
         self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._patterns: dict[str, SparsePattern] = {}
+        # Whether another adapted layer reads the same input tensor (q/k/v, gate/up): learnt in the first forward
+        # that trains the deltas ("learning"), then "shared" or "alone". Only a layer alone on its input keeps a
+        # gathered x[:, kept] for its backward instead of x: a partial copy beside an x kept anyway adds memory.
+        self._input_sharing = "unknown"
+        self._learning_input: Optional[weakref.ref] = None
+        self._input_seen_shared = False
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -204,6 +212,25 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.pinned_rows.pop(adapter_name, None)
 
 
+# id of an input tensor -> (a weak reference to it, the adapted layers that read it), while layers learn whether
+# they share their input (see NeuroAdaLayer._keeps_columns); entries go when the tensor does.
+_input_readers: dict[int, tuple[weakref.ref, list[weakref.ref]]] = {}
+
+
+def _record_reader(x: torch.Tensor, layer: NeuroAdaLayer) -> None:
+    key = id(x)
+    entry = _input_readers.get(key)
+    if entry is None or entry[0]() is not x:
+        entry = (weakref.ref(x, lambda _, key=key: _input_readers.pop(key, None)), [])
+        _input_readers[key] = entry
+    readers = entry[1]
+    readers.append(weakref.ref(layer))
+    if len(readers) > 1:
+        for reader in readers:
+            if reader() is not None:
+                reader()._input_seen_shared = True
+
+
 class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
     """NeuroAda around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
@@ -231,15 +258,44 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         fusable = len(active) == 1 and not args and not kwargs and self._fusable(x)
         backends = {name: choose_backend(self.bypass_backend[name], x, self.neuroada_delta[name].shape[1], fusable)
                     for name in active}
+        keep_columns = len(active) == 1 and self._keeps_columns(x, active[0])
         if len(active) == 1 and backends[active[0]] == "fused":
             base = self.get_base_layer()
             weight_rows = base.weight.T if self.is_conv1d else base.weight
-            return linear_with_bypass(x, weight_rows, base.bias, self.neuroada_delta[active[0]], self.pattern(active[0]))
+            return linear_with_bypass(x, weight_rows, base.bias, self.neuroada_delta[active[0]], self.pattern(active[0]),
+                                      keep_columns)
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
-            bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), backends[name])
+            bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), backends[name], keep_columns)
             result = result + bypass.to(result.dtype)
         return result
+
+    def _keeps_columns(self, x: torch.Tensor, adapter_name: str) -> bool:
+        """Whether the op keeps only ``x[:, kept]`` for the backward instead of x: when the deltas train, nothing
+        else keeps x (the base is a plain frozen layer, which saves no input, and no other adapted layer reads the
+        same tensor), and the selection reads few enough input positions."""
+        if not (torch.is_grad_enabled() and self.neuroada_delta[adapter_name].requires_grad):
+            return False
+        if torch.compiler.is_compiling():
+            return False  # the sharing bookkeeping below is Python state a compiled graph must not depend on
+        if self._input_sharing == "unknown":
+            self._input_sharing, self._learning_input = "learning", weakref.ref(x)
+            _record_reader(x, self)
+            return False
+        if self._input_sharing == "learning":
+            if self._learning_input() is x:
+                return False
+            # a new input: the forward that was learning is over, every reader of its input has been seen
+            self._input_sharing = "shared" if self._input_seen_shared else "alone"
+            self._learning_input = None
+        base = self.get_base_layer()
+        return (
+            self._input_sharing == "alone"
+            and type(base).forward is (Conv1D.forward if self.is_conv1d else nn.Linear.forward)
+            and not base.weight.requires_grad
+            and not self.quantization
+            and keeps_columns(self.pattern(adapter_name))
+        )
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether the fused path computes exactly what calling the base layer would: its forward is nn.Linear's
