@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import triton_backend
+from . import kernel_check, triton_backend
 
 BACKENDS = ("auto", "fused", "triton", "gather", "dense")
 
@@ -42,6 +42,9 @@ _TRANSPOSE_SLAB_ROWS = 128
 # --tokens: on CPU the crossover sits between 128 and 512 tokens depending on the shape), and the W-sized
 # temporaries raise peak memory for small batches.
 _FUSED_MIN_TOKENS = 512
+
+# Device types on which "auto" prefers the Triton kernels (a name, so tests can add "cpu" for the interpreter).
+_TRITON_DEVICE_TYPES = ("cuda",)
 
 # The CPU sampled product builds a CSR tensor on every backward; PyTorch warns about CSR's beta status each time.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -69,12 +72,15 @@ def build_pattern(indices: Tensor, in_features: int) -> SparsePattern:
     return SparsePattern(columns, order // k, order, offsets, row_offsets, in_features)
 
 
-def choose_backend(tokens: int, in_features: int, k: int, device: torch.device, fusable: bool = False) -> str:
+def choose_backend(tokens: int, in_features: int, k: int, device: torch.device, fusable: bool = False,
+                   dtype: torch.dtype = torch.float32) -> str:
     """The backend for one call. ``fusable``: the caller can replace its base layer's matmul by the fused one
     (a plain float32 linear layer). Measured on CPU (benchmarks/bench_layer.py): fused beats a separate bypass
     from a few hundred tokens on; among the separate bypasses, dense S wins when k is a large share of
-    in_features (crossover near k = in / 8). On a GPU with Triton, the Triton kernels."""
-    if device.type == "cuda" and triton_backend.available(device):
+    in_features (crossover near k = in / 8). On a GPU with Triton, the Triton kernels, once they have passed their
+    self-check for this device and activation ``dtype`` (:mod:`neuroada.kernel_check`)."""
+    if (device.type in _TRITON_DEVICE_TYPES and triton_backend.available(device)
+            and kernel_check.triton_usable(device, dtype)):
         return "triton"
     if fusable and tokens >= _FUSED_MIN_TOKENS:
         return "fused"
@@ -88,7 +94,8 @@ def sparse_bypass(x: Tensor, delta: Tensor, pattern: SparsePattern, backend: str
     if backend not in BACKENDS:
         raise ValueError(f"unknown bypass backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        backend = choose_backend(x.numel() // max(x.shape[-1], 1), pattern.in_features, delta.shape[1], x.device)
+        backend = choose_backend(x.numel() // max(x.shape[-1], 1), pattern.in_features, delta.shape[1], x.device,
+                                 dtype=x.dtype)
     if backend == "fused":
         raise ValueError("the fused backend replaces the whole layer: call linear_with_bypass")
     if backend == "triton" and not triton_backend.available(x.device):

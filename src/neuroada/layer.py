@@ -213,7 +213,7 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         if backend == "auto" or (backend == "fused" and not fusable):  # "fused" where it applies, else the best other
             tokens = x.numel() // max(x.shape[-1], 1)
             k = self.neuroada_delta[adapter_name].shape[1]
-            return choose_backend(tokens, self.in_features, k, x.device, fusable)
+            return choose_backend(tokens, self.in_features, k, x.device, fusable, x.dtype)
         return backend
 
     def __repr__(self) -> str:
