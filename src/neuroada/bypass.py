@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import triton_backend
+from . import kernel_check, triton_backend
 
 BACKENDS = ("auto", "fused", "triton", "gather", "dense")
 
@@ -42,6 +42,9 @@ _TRANSPOSE_SLAB_ROWS = 128
 # --tokens: on CPU the crossover sits between 128 and 512 tokens depending on the shape), and the W-sized
 # temporaries raise peak memory for small batches.
 _FUSED_MIN_TOKENS = 512
+
+# Device types on which "auto" prefers the Triton kernels (a name, so tests can add "cpu" for the interpreter).
+_TRITON_DEVICE_TYPES = ("cuda",)
 
 # The op keeps for its backward only the input columns that some neuron reads, x[:, kept], when they are at most
 # this share of the input; above it, x itself (a gathered copy of nearly all of x saves little memory and costs a
@@ -91,9 +94,12 @@ def check_indices(indices: Tensor, in_features: int) -> None:
 
 
 def build_pattern(indices: Tensor, in_features: int) -> SparsePattern:
-    check_indices(indices, in_features)
     columns = indices.long()
-    if not _rows_sorted(columns):  # CSR (the CPU delta gradient) requires sorted columns within a row
+    # (inside a compiled graph the checks, data-dependent branches, are skipped: a layer's indices were checked
+    # when they were selected or loaded)
+    if not torch.compiler.is_compiling():
+        check_indices(indices, in_features)
+    if not torch.compiler.is_compiling() and not _rows_sorted(columns):  # CSR needs sorted columns within a row
         raise ValueError("each row of the indices must be sorted ascending (as select_per_neuron returns them), "
                          "with the deltas in the same order")
     out_features, k = columns.shape
@@ -119,7 +125,8 @@ def choose_backend(requested: str, x: Tensor, k: int, fusable: bool = False) -> 
     1. An explicit backend is used where it can run. ``"fused"`` where ``fusable`` is false and ``"triton"`` where
        Triton cannot run (no Triton, not a GPU) fall back to rule 2, which computes the same bypass; a Triton
        fallback is announced once, since it is a property of the machine, not of the adapter.
-    2. ``"auto"``: the Triton kernels on a GPU where they run; else the fused layer from 512 tokens on where
+    2. ``"auto"``: the Triton kernels on a GPU where they run and passed their self-check for this device and
+       activation dtype (:mod:`neuroada.kernel_check`); else the fused layer from 512 tokens on where
        ``fusable`` (the copies of W cost less than a separate bypass); else a dense S when k is at least 1/8 of
        the inputs; else the gather kernels. (Measured on CPU by benchmarks/bench_layer.py.)
     """
@@ -134,7 +141,8 @@ def choose_backend(requested: str, x: Tensor, k: int, fusable: bool = False) -> 
                    f"{'Triton is not installed' if triton_backend.triton is None else 'not a GPU'}); using the "
                    "PyTorch backends, which compute the same bypass. The setting is stored in the adapter's config "
                    "but binds nothing: set bypass_backend='auto' to silence this.")
-    if x.device.type == "cuda" and triton_backend.available(x.device):
+    if (x.device.type in _TRITON_DEVICE_TYPES and triton_backend.available(x.device)
+            and kernel_check.triton_usable(x.device, x.dtype)):
         return "triton"
     tokens = x.numel() // max(x.shape[-1], 1)
     if fusable and tokens >= _FUSED_MIN_TOKENS:
