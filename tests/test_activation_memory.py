@@ -134,3 +134,25 @@ def test_training_with_kept_columns_equals_training_with_x():
                        if isinstance(layer, NeuroAdaLayer)) == 4
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_what_the_forward_kept(reentrant):
+    """The sharing decision is taken between model forwards, so a checkpointed block keeps the same tensors in its
+    recomputation as in its forward (a decision taken mid-forward broke non-reentrant checkpointing)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model = get_peft_model(model, NeuroAdaConfig(k=1, init_weights=False))
+        model.train()
+        tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+        for _ in range(3):  # learn, then act on what was learnt
+            model.zero_grad()
+            model(tokens, labels=tokens).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert any(layer._input_sharing == "alone" for layer in model.modules() if isinstance(layer, NeuroAdaLayer))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)

@@ -51,11 +51,13 @@ class NeuroAdaLayer(BaseTunerLayer):
         # their indices: what an adapter saved without indices stores so that it reloads in another precision.
         self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._patterns: dict[str, SparsePattern] = {}
-        # Whether another adapted layer reads the same input tensor (q/k/v, gate/up): learnt in the first forward
-        # that trains the deltas ("learning"), then "shared" or "alone". Only a layer alone on its input keeps a
-        # gathered x[:, kept] for its backward instead of x: a partial copy beside an x kept anyway adds memory.
-        self._input_sharing = "unknown"
-        self._learning_input: Optional[weakref.ref] = None
+        # Whether another adapted layer reads the same input tensor (q/k/v, gate/up): "learning" in the forwards
+        # that train the deltas until the tuner ends the learning at the start of the next model forward
+        # (end_input_learning), then "shared" or "alone". Only a layer alone on its input keeps a gathered
+        # x[:, kept] for its backward instead of x: a partial copy beside an x kept anyway adds memory. Decided
+        # between model forwards, never inside one, so a checkpointed block recomputes what it saved.
+        self._input_sharing = "learning"
+        self._inputs_recorded = False
         self._input_seen_shared = False
         self._disable_adapters = False
         self.merged_adapters = []
@@ -278,16 +280,10 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
             return False
         if torch.compiler.is_compiling():
             return False  # the sharing bookkeeping below is Python state a compiled graph must not depend on
-        if self._input_sharing == "unknown":
-            self._input_sharing, self._learning_input = "learning", weakref.ref(x)
-            _record_reader(x, self)
-            return False
         if self._input_sharing == "learning":
-            if self._learning_input() is x:
-                return False
-            # a new input: the forward that was learning is over, every reader of its input has been seen
-            self._input_sharing = "shared" if self._input_seen_shared else "alone"
-            self._learning_input = None
+            _record_reader(x, self)
+            self._inputs_recorded = True
+            return False
         base = self.get_base_layer()
         return (
             self._input_sharing == "alone"
@@ -296,6 +292,12 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
             and not self.quantization
             and keeps_columns(self.pattern(adapter_name))
         )
+
+    def end_input_learning(self) -> None:
+        """Decide whether this layer shares its input with another adapted layer, from the training forwards seen
+        so far (every reader of their inputs has run by now). Called by the tuner before each model forward."""
+        if self._input_sharing == "learning" and self._inputs_recorded:
+            self._input_sharing = "shared" if self._input_seen_shared else "alone"
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether the fused path computes exactly what calling the base layer would: its forward is nn.Linear's
