@@ -222,8 +222,8 @@ def train_command(argv: list[str]) -> int:
     run = TaskRun(task)
     train_set, test_set = run.prepare_data(training.seed)
     if main_process:
-        print(f"neuroada train: {run.split_text}")
-        print(f"neuroada train: learning rate {training.learning_rate:g} ({training.lr_scheduler_type}, "
+        print(f"data: {run.split_text}")
+        print(f"training: learning rate {training.learning_rate:g} ({_plain(training.lr_scheduler_type)}, "
               f"{training.warmup_steps} warmup steps), batch {training.per_device_train_batch_size} per device, "
               + (f"{training.max_steps} steps" if training.max_steps > 0 else f"{training.num_train_epochs:g} epochs"))
     model = run.load_base_model()
@@ -573,8 +573,9 @@ class TaskRun:
                 key = task.text_column if self.classification else "instruction"
                 require_columns(table, [key], task.data)
                 splits = deduplicated_split(table, key, task.test_size, task.train_size, seed, test_only=test_only)
-                self.split_text = f"{task.data}: {len(table)} rows; {len(splits.test)} test rows" + (
-                    "" if test_only else f", {len(splits.train)} training rows") + " (distinct texts)"
+                self.split_text = (f"{task.data}: {len(table)} rows, {splits.distinct} distinct texts; "
+                                   f"{len(splits.test)} test rows"
+                                   + ("" if test_only else f", {len(splits.train)} training rows"))
             if task.eval_data:
                 splits.test = load_table(task.eval_data)
                 self.split_text += f"; test data replaced by {task.eval_data} ({len(splits.test)} rows)"
@@ -794,6 +795,11 @@ def _json_default(value):
     if hasattr(value, "item"):  # numpy scalars
         return value.item()
     return str(value)
+
+
+def _plain(value):
+    """An enum's value (TrainingArguments turns strings such as 'linear' into enums), anything else as is."""
+    return getattr(value, "value", value)
 
 
 def _umask() -> int:

@@ -43,6 +43,7 @@ class DataError(ValueError):
 class Splits:
     train: Dataset
     test: Dataset
+    distinct: int | None = None  # distinct rows the split was drawn from
 
 
 def package_dir(module: str) -> str:
@@ -155,4 +156,4 @@ def deduplicated_split(table: Dataset, key: str, test_size: int | None, train_si
                         f"(leave --test_size out to hold out {TEST_SHARE:.0%} of the rows)")
     test = table.select(range(test_size))
     end = test_size if test_only else len(table) if train_size is None else min(len(table), test_size + train_size)
-    return Splits(train=table.select(range(test_size, end)), test=test)
+    return Splits(train=table.select(range(test_size, end)), test=test, distinct=len(table))

@@ -163,8 +163,11 @@ def write_report(summary: AdapterSummary, output: str) -> None:
     import matplotlib.pyplot as plt
 
     blocks = len(summary.grid(lambda layer: 0.0)[2])
-    figure, axes = plt.subplots(2, 2, figsize=(max(14, 6 + 0.5 * blocks), 10), layout="constrained",
-                                gridspec_kw={"height_ratios": [1.3, 1]})
+    run_panels = bool(summary.losses or (summary.metrics and summary.metrics.get("after")))  # from a run folder
+    figure, axes = plt.subplots(2 if run_panels else 1, 2, figsize=(min(22, max(14, 6 + 0.5 * blocks)),
+                                                                    10 if run_panels else 5.5),
+                                layout="constrained", squeeze=False,
+                                gridspec_kw={"height_ratios": [1.3, 1] if run_panels else [1]})
     total = sum(layer.trainable for layer in summary.layers)
     head = sum(summary.other_trainable.values())
     figure.suptitle(f"NeuroAda adapter {summary.path}\nk={summary.config.get('k')}, "
@@ -181,10 +184,18 @@ def write_report(summary: AdapterSummary, output: str) -> None:
                           "layer's inputs the deltas read")
     else:
         _heatmap(figure, axes[0, 1], *summary.grid(lambda layer: layer.share_read),
-                 title="inputs the deltas read (the rest need not be kept for the backward)",
+                 title="share of each layer's inputs that its deltas read",
                  unit="share of the layer's input features (%)", percent=True)
 
-    ax = axes[1, 0]
+    if run_panels:
+        _run_panels(summary, axes[1, 0], axes[1, 1])
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    figure.savefig(output, dpi=90)
+    plt.close(figure)
+
+
+def _run_panels(summary: AdapterSummary, ax, loss_ax) -> None:
+    """The metric before and after training, and the training loss, from the run folder."""
     if summary.metrics and summary.metrics.get("after"):
         name = _metric_name(summary.metrics["after"])
         before = summary.metrics.get("before")
@@ -199,18 +210,14 @@ def write_report(summary: AdapterSummary, output: str) -> None:
     else:
         _note(ax, "no metrics.json beside the adapter")
 
-    ax = axes[1, 1]
+    ax = loss_ax
     if summary.losses:
         steps, losses = zip(*summary.losses)
         ax.plot(steps, losses, marker=".")
-        ax.set(title="training loss", xlabel="optimizer step", ylabel="loss (cross-entropy, nats per token)")
+        ax.set(title="training loss (logged steps)", xlabel="optimizer step", ylabel="training loss (cross-entropy, nats)")
         ax.grid(alpha=0.3)
     else:
         _note(ax, "no log_history.json beside the adapter")
-
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    figure.savefig(output, dpi=90)
-    plt.close(figure)
 
 
 def _heatmap(figure, ax, table, rows, columns, title: str, unit: str, percent: bool) -> None:
