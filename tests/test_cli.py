@@ -227,6 +227,7 @@ def test_selection_choices_match_the_library():
     (["--task", "regression"], "invalid choice: 'regression'"),
     (["--test_size", "0"], "--test_size must be at least 1"),
     (["--learning_rate", "-1"], "--learning_rate must be positive"),
+    (["--learnin_rate", "3"], "unknown argument '--learnin_rate' (did you mean --learning_rate?)"),
 ])
 def test_bad_settings_stop_before_loading_and_write_nothing(tmp_path, tiny_bert, sentiment_csv, capsys,
                                                             monkeypatch, flags, message):

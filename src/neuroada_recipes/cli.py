@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------------------------ train
 
 
+TRAIN_USAGE = "neuroada train [--recipe NAME] [flags] | neuroada train config.json|config.yaml  (--help: the flags)"
 TRAINING_HELP = {  # the TrainingArguments flags --help lists (every other one works too; --help-all lists them)
     "output_dir": "The run folder.",
     "learning_rate": "Peak learning rate (AdamW).",
@@ -150,13 +151,14 @@ def parse_train_arguments(argv: list[str]):
         raise UsageError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     recipe_task = {k: v for k, v in RECIPES.get(recipe, {}).items() if k in _TASK_FIELDS}
     # first the task and adapter flags alone: the training defaults depend on them
-    first = HfArgumentParser((TaskArguments, AdapterArguments), allow_abbrev=False, prog="neuroada train")
+    first = HfArgumentParser((TaskArguments, AdapterArguments), allow_abbrev=False, usage=TRAIN_USAGE,
+                             prog="neuroada train")
     first.set_defaults(recipe=recipe, **recipe_task)
     task, adapter, _ = first.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     parser = HfArgumentParser((TaskArguments, AdapterArguments, RunArguments, TrainingArguments), allow_abbrev=False,
-                              prog="neuroada train")
+                              usage=TRAIN_USAGE, prog="neuroada train")
     parser.set_defaults(recipe=recipe, **recipe_task, **training_defaults(task.task, adapter.k, recipe))
-    task, adapter, run, training = parser.parse_args_into_dataclasses(args=argv)
+    task, adapter, run, training = _parse(parser, argv, "train")
     if task.model is None and task.data is not None:
         task.model = DEFAULT_MODELS[task.task]
     return task, adapter, run, training
@@ -293,7 +295,7 @@ def train_help() -> str:
     recipes = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
                         for name, values in RECIPES.items())
     parser = HfArgumentParser((TaskArguments, AdapterArguments, Training), prog="neuroada train",
-                              usage="neuroada train [--recipe NAME] [flags] | neuroada train config.json|config.yaml",
+                              usage=TRAIN_USAGE,
                               formatter_class=_HelpFormatter,
                               description="Fine-tune a model with a NeuroAda adapter and save it. The values shown "
                                           "are the ones a run uses unless given; a recipe sets its own (below).",
@@ -335,7 +337,7 @@ def eval_command(argv: list[str]) -> int:
     parser = HfArgumentParser((EvalArguments, EvalTaskArguments), prog="neuroada eval", formatter_class=_HelpFormatter,
                               description="Score an adapter, a base model or a merged model on held-out data.")
     _hide_negations(parser)
-    eval_args, given = parser.parse_args_into_dataclasses(args=argv)
+    eval_args, given = _parse(parser, argv, "eval")
     given = TaskArguments(**asdict(given))
     explicit = _explicit_flags(argv)
     folder = AdapterFolder(eval_args.adapter) if eval_args.adapter else None
@@ -383,7 +385,7 @@ def merge_command(argv: list[str]) -> int:
     parser = HfArgumentParser(MergeArguments, prog="neuroada merge", formatter_class=_HelpFormatter,
                               description="Add the adapter's deltas into the base weights and save a plain "
                                           "transformers model folder.")
-    (merge_args,) = parser.parse_args_into_dataclasses(args=argv)
+    (merge_args,) = _parse(parser, argv, "merge")
     if os.path.exists(merge_args.output):
         raise FileExistsError(f"{merge_args.output} exists; choose another --output or remove it")
     folder = AdapterFolder(merge_args.adapter)
@@ -421,7 +423,7 @@ def inspect_command(argv: list[str]) -> int:
 
     parser = HfArgumentParser(InspectArguments, prog="neuroada inspect", formatter_class=_HelpFormatter,
                               description="Summarise an adapter (text) and draw a report (PNG).")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = _parse(parser, argv, "inspect")
     folder = AdapterFolder(args.adapter)
     summary = adapter_summary(args.adapter, input_widths=folder.input_widths(args.model))
     print(summary.text())
@@ -737,6 +739,20 @@ def _quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # the Trainer asks for pinned memory by default; without an accelerator there is none to pin, which is fine
     warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator is found")
+
+
+def _parse(parser, argv: list[str], command: str) -> tuple:
+    """The parser's dataclasses; an unknown flag is a one-line error that names the nearest known flag."""
+    import difflib
+
+    *values, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    flags = [a for a in unknown if a.startswith("-")]
+    if unknown:
+        known = [option for action in parser._actions for option in action.option_strings]
+        near = difflib.get_close_matches(flags[0], known, n=1) if flags else []
+        raise UsageError(f"unknown argument {(flags or unknown)[0]!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                         + f"; `neuroada {command} --help` lists the flags")
+    return tuple(values)
 
 
 def _explicit_flags(argv: list[str]) -> set[str]:

@@ -224,8 +224,7 @@ def _heatmap(figure, ax, table, rows, columns, title: str, unit: str, percent: b
     import matplotlib.pyplot as plt
 
     values = table * 100 if percent else table
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")  # no layer of this kind in this block
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")  # grey: no layer of this kind in this block
     image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap,
                       vmin=0 if percent else None, vmax=100 if percent else None)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
