@@ -181,7 +181,8 @@ def test_train_help_shows_the_values_a_run_uses(capsys, tiny_bert, sentiment_csv
     text = capsys.readouterr().out
     _, _, _, training = cli.parse_train_arguments(["--model", tiny_bert, "--data", sentiment_csv])
     for flag in ("learning_rate", "per_device_train_batch_size", "warmup_steps", "lr_scheduler_type",
-                 "num_train_epochs", "max_steps", "weight_decay", "seed", "logging_steps", "gradient_accumulation_steps",
+                 "num_train_epochs", "max_steps", "weight_decay", "seed", "logging_steps",
+                 "gradient_accumulation_steps",
                  "bf16"):
         value = getattr(training, flag)
         assert help_default(text, flag) == str(getattr(value, "value", value)), flag  # enums show their value
@@ -452,7 +453,8 @@ def test_offline_default_recipe_runs_on_real_minilm(tmp_path, capsys):
     assert metrics["trainable_parameters"] == 22_275  # 37 layers' deltas at k=1 + the 3-class head
     out = capsys.readouterr().out
     assert "minilm-sentiment" in out and "learning rate, steps  : 0.01, 3 steps of batch 32" in out
-    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in (tmp_path / "run" / "adapter" / "README.md").read_text()
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
 
 
 def test_hub_dataset_with_glue_columns_and_validation_split(tiny_bert, monkeypatch):

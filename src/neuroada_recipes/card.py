@@ -23,6 +23,7 @@ def write_model_card(adapter_dir: str, run, config, command: str, metrics: dict,
     head = ""
     if run.classification:
         head = f", num_labels={len(run.labels)}"
+    schedule = getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)  # an enum in TrainingArguments
     before = "-" if metrics["before"] is None else f"{metrics['before'][name]:.4f}"
     lines = [
         "---",
@@ -61,7 +62,7 @@ def write_model_card(adapter_dir: str, run, config, command: str, metrics: dict,
         f"- command: `{command}`",
         f"- task: {run.task.task} on `{run.task.data}`" + (f", labels {run.labels}" if run.labels else ""),
         f"- {metrics['train_examples']} training and {metrics['test_examples']} test examples, "
-        f"{metrics['steps']} steps at learning rate {training.learning_rate:g} ({getattr(training.lr_scheduler_type, 'value', training.lr_scheduler_type)}, "
+        f"{metrics['steps']} steps at learning rate {training.learning_rate:g} ({schedule}, "
         f"{training.warmup_steps} warmup steps), seed {training.seed}",
         "",
         "## Metrics (held-out test split)",

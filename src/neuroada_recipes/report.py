@@ -214,7 +214,8 @@ def _run_panels(summary: AdapterSummary, ax, loss_ax) -> None:
     if summary.losses:
         steps, losses = zip(*summary.losses)
         ax.plot(steps, losses, marker=".")
-        ax.set(title="training loss (logged steps)", xlabel="optimizer step", ylabel="training loss (cross-entropy, nats)")
+        ax.set(title="training loss (logged steps)", xlabel="optimizer step",
+               ylabel="training loss (cross-entropy, nats)")
         ax.grid(alpha=0.3)
     else:
         _note(ax, "no log_history.json beside the adapter")
