@@ -210,8 +210,9 @@ def test_dpo_reference_is_the_base_model_in_every_backend_merged_or_not(tiny_lla
 
 
 def test_dpo_steps_raise_the_chosen_over_rejected_margin(tiny_llama_dir, tmp_path):
-    trainer = dpo_trainer(LlamaForCausalLM.from_pretrained(tiny_llama_dir), tmp_path, NeuroAdaConfig(k=2),
-                          max_steps=6, learning_rate=0.1, beta=0.5)
+    config = NeuroAdaConfig(k=2, task_type="CAUSAL_LM")  # as TRL's examples write LoraConfig
+    trainer = dpo_trainer(LlamaForCausalLM.from_pretrained(tiny_llama_dir), tmp_path, config, max_steps=6,
+                          learning_rate=0.1, beta=0.5)
     preferences = preference_dataset()
     assert trainer.evaluate(preferences)["eval_rewards/margins"] == 0  # zero deltas: the policy is the reference
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -234,6 +235,19 @@ def sft_adapter(tiny_llama_dir, tmp_path_factory):
     trainer.train()
     trainer.save_model(str(folder / "adapter"))
     return str(folder / "adapter")
+
+
+def test_auto_peft_model_loads_an_sft_adapter_with_its_base(sft_adapter):
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    model = AutoPeftModelForCausalLM.from_pretrained(sft_adapter)  # the base from adapter_config.json
+    assert len(neuroada_layers(model)) == 14
+    saved = load_file(os.path.join(sft_adapter, "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(model)
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[key], loaded[key]) for key in saved)
+    assert any(key.endswith(".neuroada_delta") and saved[key].abs().sum() > 0 for key in saved)
 
 
 def reference_logps_equal_the_sft_adapter_during_training(trainer, tiny_llama_dir, sft_adapter):
