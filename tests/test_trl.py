@@ -229,6 +229,27 @@ def test_dpo_steps_raise_the_chosen_over_rejected_margin(tiny_llama_dir, tmp_pat
     assert changed and all(".neuroada_delta." in name for name in changed)
 
 
+def test_grpo_with_a_kl_term_trains_only_the_deltas(tiny_llama_dir, tmp_path):
+    """An RL trainer: generation, a reward, and (beta > 0) the KL term against the adapter-disabled reference."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    def longer_is_better(completions, **kwargs):
+        return [float(len(completion)) for completion in completions]
+
+    prompts = datasets.Dataset.from_list([{"prompt": f"{a} plus {b} is"} for a in range(4) for b in range(4)])
+    args = run_args(GRPOConfig, tmp_path, max_steps=2, num_generations=4, max_completion_length=8, beta=0.1,
+                    bf16=False)
+    trainer = GRPOTrainer(model=LlamaForCausalLM.from_pretrained(tiny_llama_dir), reward_funcs=longer_is_better,
+                          args=args, train_dataset=prompts, peft_config=NeuroAdaConfig(k=1),
+                          processing_class=AutoTokenizer.from_pretrained(tiny_llama_dir))
+    assert trainer.ref_model is None
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert len(changed) == 14 and all(".neuroada_delta." in name for name in changed)
+
+
 @pytest.fixture(scope="module")
 def sft_adapter(tiny_llama_dir, tmp_path_factory):
     """An adapter folder as SFTTrainer writes it, with non-zero deltas."""
