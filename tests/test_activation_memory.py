@@ -96,7 +96,7 @@ def layer_keeps(model, tokens):
 def test_in_a_model_only_layers_alone_on_their_input_keep_a_gathered_copy():
     model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=1))
     tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
-    model(tokens, labels=tokens).loss.backward()  # the first training forward learns who shares an input
+    model(tokens, labels=tokens).loss.backward()  # the first training step learns who shares an input
     kept = layer_keeps(model, tokens)  # the next one acts on it
     layers = {name.rsplit(".", 1)[-1]: layer for name, layer in model.named_modules() if isinstance(layer, NeuroAdaLayer)}
     assert {n: layers[n]._input_sharing for n in layers} == {
@@ -138,8 +138,9 @@ def test_training_with_kept_columns_equals_training_with_x():
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_recomputes_what_the_forward_kept(reentrant):
-    """The sharing decision is taken between model forwards, so a checkpointed block keeps the same tensors in its
-    recomputation as in its forward (a decision taken mid-forward broke non-reentrant checkpointing)."""
+    """The sharing decision is taken after a layer's backward, so a checkpointed block keeps the same tensors in its
+    recomputation as in its forward (a decision taken mid-forward, or at the next model forward when another
+    forward ran before the backward, broke non-reentrant checkpointing)."""
     grads = []
     for checkpointing in (False, True):
         model = tiny_llama()
@@ -151,7 +152,10 @@ def test_gradient_checkpointing_recomputes_what_the_forward_kept(reentrant):
         tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
         for _ in range(3):  # learn, then act on what was learnt
             model.zero_grad()
-            model(tokens, labels=tokens).loss.backward()
+            loss = model(tokens, labels=tokens).loss
+            with torch.no_grad(), model.disable_adapter():
+                model(tokens)  # another forward between a forward and its backward (as DPO's reference)
+            loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
         assert any(layer._input_sharing == "alone" for layer in model.modules() if isinstance(layer, NeuroAdaLayer))
     for name in grads[0]:

@@ -52,10 +52,11 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._patterns: dict[str, SparsePattern] = {}
         # Whether another adapted layer reads the same input tensor (q/k/v, gate/up): "learning" in the forwards
-        # that train the deltas until the tuner ends the learning at the start of the next model forward
+        # that train the deltas, until the first backward has accumulated this layer's delta gradient
         # (end_input_learning), then "shared" or "alone". Only a layer alone on its input keeps a gathered
-        # x[:, kept] for its backward instead of x: a partial copy beside an x kept anyway adds memory. Decided
-        # between model forwards, never inside one, so a checkpointed block recomputes what it saved.
+        # x[:, kept] for its backward instead of x: a partial copy beside an x kept anyway adds memory. Decided after
+        # the layer's backward, never between a forward and its backward, so that a checkpointed block recomputes
+        # what its forward saved, however many other forwards (a DPO reference, an evaluation) run in between.
         self._input_sharing = "learning"
         self._inputs_recorded = False
         self._input_seen_shared = False
@@ -112,6 +113,9 @@ class NeuroAdaLayer(BaseTunerLayer):
         else:
             delta = torch.randn(self.out_features, k, dtype=torch.float32, device=rows.device) * 0.02
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
+        layer = weakref.ref(self)
+        self.neuroada_delta[adapter_name].register_post_accumulate_grad_hook(
+            lambda _: layer() is not None and layer().end_input_learning())
         sharding.register_with_zero3(self, self.neuroada_delta[adapter_name], self.get_base_layer().weight)
         self.neuroada_indices[adapter_name] = indices
         self._patterns.pop(adapter_name, None)
@@ -295,7 +299,8 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
 
     def end_input_learning(self) -> None:
         """Decide whether this layer shares its input with another adapted layer, from the training forwards seen
-        so far (every reader of their inputs has run by now). Called by the tuner before each model forward."""
+        so far (every reader of their inputs has run by now). Called when a backward has accumulated the delta's
+        gradient: after every recomputation of this layer in that backward."""
         if self._input_sharing == "learning" and self._inputs_recorded:
             self._input_sharing = "shared" if self._input_seen_shared else "alone"
 

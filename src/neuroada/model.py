@@ -52,8 +52,7 @@ class NeuroAdaModel(BaseTuner):
         except BaseException:
             self._undo_adapter(adapter_name)
             raise
-        if not getattr(model, "_neuroada_learning_hook", None):
-            model._neuroada_learning_hook = model.register_forward_pre_hook(self._end_input_learning)
+
         if self._capped_layers:
             warnings.warn(
                 f"NeuroAda k={self.peft_config[adapter_name].k} is larger than the input size of "
@@ -61,21 +60,6 @@ class NeuroAdaModel(BaseTuner):
                 f"{', ...' if len(self._capped_layers) > 5 else ''}); these layers train all their inputs. "
                 "Lower k or exclude them with exclude_modules to silence this."
             )
-
-    def forward(self, *args, **kwargs):
-        self._end_input_learning()
-        return super().forward(*args, **kwargs)
-
-    def _end_input_learning(self, *unused) -> None:
-        """Between two model forwards every adapted layer has seen all the readers of its input (see
-        NeuroAdaLayer._keeps_columns); ending the learning here, never inside a forward, keeps a checkpointed
-        block's recomputation equal to its forward. Runs before each forward of the tuner (PeftModel's task
-        models call it) or of the wrapped model (plain PeftModel calls that)."""
-        if not getattr(self, "_input_sharing_known", False):
-            layers = self._layers()
-            for layer in layers:
-                layer.end_input_learning()
-            self._input_sharing_known = all(layer._input_sharing != "learning" for layer in layers)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         if isinstance(target, NeuroAdaLayer):
@@ -93,7 +77,6 @@ class NeuroAdaModel(BaseTuner):
             self._replace_module(parent, target_name, layer, target)
         if config.k > layer.in_features:
             self._capped_layers.append(current_key)
-        self._input_sharing_known = False  # a new or changed layer learns again
 
     def _undo_adapter(self, adapter_name: str) -> None:
         """Take back everything that injecting ``adapter_name`` did, so that a failed injection or load leaves the
