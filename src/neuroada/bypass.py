@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import triton_backend
+from . import kernel_check, triton_backend
 
 BACKENDS = ("auto", "fused", "triton", "gather", "dense")
 
@@ -42,6 +42,14 @@ _TRANSPOSE_SLAB_ROWS = 128
 # --tokens: on CPU the crossover sits between 128 and 512 tokens depending on the shape), and the W-sized
 # temporaries raise peak memory for small batches.
 _FUSED_MIN_TOKENS = 512
+
+# Device types on which "auto" prefers the Triton kernels (a name, so tests can add "cpu" for the interpreter).
+_TRITON_DEVICE_TYPES = ("cuda",)
+
+# The op keeps for its backward only the input columns that some neuron reads, x[:, kept], when they are at most
+# this share of the input; above it, x itself (a gathered copy of nearly all of x saves little memory and costs a
+# copy). Measured with benchmarks/bench_layer.py (README "Activation memory").
+KEEP_COLUMNS_MAX_COVERAGE = 0.75
 
 # Messages already given by _warn_once (a fallback is announced once per process, not once per layer and call).
 _warned: set[str] = set()
@@ -56,7 +64,14 @@ class SparsePattern(NamedTuple):
     transposed_order: Tensor  # [out * k]: flat position in delta of each entry, in that order
     transposed_offsets: Tensor  # [in + 1]: where each input position's entries start (and the end)
     row_offsets: Tensor  # [out + 1]: CSR row pointers of S (every row holds k entries)
+    kept: Tensor  # [u]: the input positions some neuron reads, sorted (the only columns the delta gradient needs)
+    kept_columns: Tensor  # [out, k]: columns as positions in kept
     in_features: int
+
+    @property
+    def coverage(self) -> float:
+        """The share of the input positions that some neuron reads."""
+        return self.kept.numel() / max(self.in_features, 1)
 
 
 def check_indices(indices: Tensor, in_features: int) -> None:
@@ -79,9 +94,12 @@ def check_indices(indices: Tensor, in_features: int) -> None:
 
 
 def build_pattern(indices: Tensor, in_features: int) -> SparsePattern:
-    check_indices(indices, in_features)
     columns = indices.long()
-    if not _rows_sorted(columns):  # CSR (the CPU delta gradient) requires sorted columns within a row
+    # (inside a compiled graph the checks, data-dependent branches, are skipped: a layer's indices were checked
+    # when they were selected or loaded)
+    if not torch.compiler.is_compiling():
+        check_indices(indices, in_features)
+    if not torch.compiler.is_compiling() and not _rows_sorted(columns):  # CSR needs sorted columns within a row
         raise ValueError("each row of the indices must be sorted ascending (as select_per_neuron returns them), "
                          "with the deltas in the same order")
     out_features, k = columns.shape
@@ -90,7 +108,8 @@ def build_pattern(indices: Tensor, in_features: int) -> SparsePattern:
     offsets = torch.zeros(in_features + 1, dtype=torch.long, device=flat.device)
     offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=in_features), 0)
     row_offsets = torch.arange(0, out_features * k + 1, k, device=flat.device)
-    layouts = (columns, order // k, order, offsets, row_offsets)
+    kept, kept_columns = torch.unique(columns, sorted=True, return_inverse=True)
+    layouts = (columns, order // k, order, offsets, row_offsets, kept, kept_columns)
     return SparsePattern(*(t.to(torch.int32) for t in layouts), in_features)
 
 
@@ -106,7 +125,8 @@ def choose_backend(requested: str, x: Tensor, k: int, fusable: bool = False) -> 
     1. An explicit backend is used where it can run. ``"fused"`` where ``fusable`` is false and ``"triton"`` where
        Triton cannot run (no Triton, not a GPU) fall back to rule 2, which computes the same bypass; a Triton
        fallback is announced once, since it is a property of the machine, not of the adapter.
-    2. ``"auto"``: the Triton kernels on a GPU where they run; else the fused layer from 512 tokens on where
+    2. ``"auto"``: the Triton kernels on a GPU where they run and passed their self-check for this device and
+       activation dtype (:mod:`neuroada.kernel_check`); else the fused layer from 512 tokens on where
        ``fusable`` (the copies of W cost less than a separate bypass); else a dense S when k is at least 1/8 of
        the inputs; else the gather kernels. (Measured on CPU by benchmarks/bench_layer.py.)
     """
@@ -121,7 +141,8 @@ def choose_backend(requested: str, x: Tensor, k: int, fusable: bool = False) -> 
                    f"{'Triton is not installed' if triton_backend.triton is None else 'not a GPU'}); using the "
                    "PyTorch backends, which compute the same bypass. The setting is stored in the adapter's config "
                    "but binds nothing: set bypass_backend='auto' to silence this.")
-    if x.device.type == "cuda" and triton_backend.available(x.device):
+    if (x.device.type in _TRITON_DEVICE_TYPES and triton_backend.available(x.device)
+            and kernel_check.triton_usable(x.device, x.dtype)):
         return "triton"
     tokens = x.numel() // max(x.shape[-1], 1)
     if fusable and tokens >= _FUSED_MIN_TOKENS:
@@ -135,29 +156,46 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def sparse_bypass(x: Tensor, delta: Tensor, pattern: SparsePattern, backend: str = "auto") -> Tensor:
-    """``x S^T`` for ``x`` of shape ``[..., in]``; returns ``[..., out]`` in float32 (``delta``'s dtype)."""
+def sparse_bypass(x: Tensor, delta: Tensor, pattern: SparsePattern, backend: str = "auto",
+                  keep_columns: Optional[bool] = None) -> Tensor:
+    """``x S^T`` for ``x`` of shape ``[..., in]``; returns ``[..., out]`` in float32 (``delta``'s dtype).
+
+    ``keep_columns``: keep only ``x[:, pattern.kept]`` for the backward instead of ``x``; ``None`` decides by the
+    selection's coverage (:func:`keeps_columns`). Pass ``False`` when something else keeps ``x`` anyway (another
+    layer reading the same input): a partial copy beside the whole would only add memory."""
     if x.shape[-1] != pattern.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the adapted layer expects {pattern.in_features}")
     if backend == "fused":
         raise ValueError("the fused backend replaces the whole layer: call linear_with_bypass")
     backend = choose_backend(backend, x, delta.shape[1])
-    out = torch.ops.neuroada.bypass(x.reshape(-1, x.shape[-1]), delta, *pattern[:5], backend)
+    keep_columns = keeps_columns(pattern) if keep_columns is None else keep_columns
+    out = torch.ops.neuroada.bypass(x.reshape(-1, x.shape[-1]), delta, pattern.columns, pattern.transposed_rows,
+                                    pattern.transposed_order, pattern.transposed_offsets, pattern.row_offsets,
+                                    pattern.kept, pattern.kept_columns, backend, keep_columns)
     return out.reshape(*x.shape[:-1], delta.shape[0])
 
 
 def linear_with_bypass(
-    x: Tensor, weight_rows: Tensor, bias: Optional[Tensor], delta: Tensor, pattern: SparsePattern
+    x: Tensor, weight_rows: Tensor, bias: Optional[Tensor], delta: Tensor, pattern: SparsePattern,
+    keep_columns: Optional[bool] = None,
 ) -> Tensor:
     """``x (W + S)^T + b`` for a frozen ``weight_rows`` ([out, in], any strides), in x's dtype. W gets no gradient
-    (b does if it requires one); autograd keeps x, delta and references to W and b, no copy of W."""
+    (b does if it requires one); autograd keeps x (or only ``x[:, pattern.kept]``, see :func:`sparse_bypass`),
+    delta and references to W and b, no copy of W."""
     if x.shape[-1] != pattern.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the adapted layer expects {pattern.in_features}")
     if weight_rows.requires_grad:
         raise ValueError("linear_with_bypass needs a frozen weight; it computes no weight gradient")
+    keep_columns = keeps_columns(pattern) if keep_columns is None else keep_columns
     out = torch.ops.neuroada.linear_bypass(x.reshape(-1, x.shape[-1]), weight_rows, bias, delta, pattern.columns,
-                                           pattern.row_offsets)
+                                           pattern.row_offsets, pattern.kept, pattern.kept_columns, keep_columns)
     return out.reshape(*x.shape[:-1], delta.shape[0])
+
+
+def keeps_columns(pattern: SparsePattern) -> bool:
+    """Whether keeping ``x[:, kept]`` for the backward pays: the selection reads at most
+    :data:`KEEP_COLUMNS_MAX_COVERAGE` of the inputs."""
+    return pattern.coverage <= KEEP_COLUMNS_MAX_COVERAGE
 
 
 def sparse_bypass_reference(x: Tensor, delta: Tensor, indices: Tensor) -> Tensor:
@@ -178,7 +216,8 @@ def dense_matrix(delta: Tensor, columns: Tensor, in_features: int) -> Tensor:
 
 @torch.library.custom_op("neuroada::bypass", mutates_args=())
 def _bypass_op(x2d: Tensor, delta: Tensor, columns: Tensor, transposed_rows: Tensor, transposed_order: Tensor,
-               transposed_offsets: Tensor, row_offsets: Tensor, backend: str) -> Tensor:
+               transposed_offsets: Tensor, row_offsets: Tensor, kept: Tensor, kept_columns: Tensor, backend: str,
+               keep_columns: bool) -> Tensor:
     with torch.autocast(x2d.device.type, enabled=False):
         if backend == "triton":
             return triton_backend.bypass_forward(x2d, delta, columns)
@@ -189,57 +228,64 @@ def _bypass_op(x2d: Tensor, delta: Tensor, columns: Tensor, transposed_rows: Ten
 
 
 @_bypass_op.register_fake
-def _(x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, backend):
+def _(x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, kept, kept_columns,
+      backend, keep_columns):
     return x2d.new_empty(x2d.shape[0], delta.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("neuroada::bypass_backward", mutates_args=())
-def _bypass_backward_op(grad: Tensor, x2d: Tensor, delta: Tensor, columns: Tensor, transposed_rows: Tensor,
-                        transposed_order: Tensor, transposed_offsets: Tensor, row_offsets: Tensor, backend: str,
+def _bypass_backward_op(grad: Tensor, saved_x: Tensor, delta: Tensor, columns: Tensor, sampled_columns: Tensor,
+                        transposed_rows: Tensor, transposed_order: Tensor, transposed_offsets: Tensor,
+                        row_offsets: Tensor, backend: str, in_features: int, kept_layout: bool,
                         need_input_grad: bool, need_delta_grad: bool) -> tuple[Tensor, Tensor]:
-    grad_x = x2d.new_empty(0)
+    grad_x = saved_x.new_empty(0)
     grad_delta = delta.new_empty(0)
-    with torch.autocast(x2d.device.type, enabled=False):
+    with torch.autocast(grad.device.type, enabled=False):
         if backend == "triton":
             if need_input_grad:
                 grad_x = triton_backend.input_grad(grad, delta, transposed_rows, transposed_order,
-                                                   transposed_offsets, x2d.shape[1], x2d.dtype)
-            if need_delta_grad:
-                grad_delta = triton_backend.delta_grad(grad, x2d, columns).to(delta.dtype)
+                                                   transposed_offsets, in_features, saved_x.dtype)
+            if need_delta_grad:  # saved_x is [tokens, u] or [tokens, in]: token-major either way
+                grad_delta = triton_backend.delta_grad(grad, saved_x, sampled_columns).to(delta.dtype)
             return grad_x, grad_delta
         grad_t = _transposed_f32(grad)  # [out, tokens]
         if need_input_grad:
             if backend == "dense":
-                grad_x = (grad_t.T @ dense_matrix(delta, columns, x2d.shape[1])).to(x2d.dtype)
+                grad_x = (grad_t.T @ dense_matrix(delta, columns, in_features)).to(saved_x.dtype)
             else:
                 weights = delta.float().reshape(-1)[transposed_order]
                 grad_x_t = F.embedding_bag(transposed_rows, grad_t, transposed_offsets, per_sample_weights=weights,
                                            mode="sum", include_last_offset=True)
-                grad_x = _transposed_f32(grad_x_t).to(x2d.dtype)
+                grad_x = _transposed_f32(grad_x_t).to(saved_x.dtype)
         if need_delta_grad:
-            grad_delta = _sampled_product(grad_t, x2d, columns, row_offsets).to(delta.dtype)
+            grad_delta = _sampled_product(grad_t, _feature_major_f32(saved_x, kept_layout), sampled_columns,
+                                          row_offsets).to(delta.dtype)
     return grad_x, grad_delta
 
 
 @_bypass_backward_op.register_fake
-def _(grad, x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, backend,
-      need_input_grad, need_delta_grad):
-    return (torch.empty_like(x2d) if need_input_grad else x2d.new_empty(0),
-            torch.empty_like(delta) if need_delta_grad else delta.new_empty(0))
+def _(grad, saved_x, delta, columns, sampled_columns, transposed_rows, transposed_order, transposed_offsets,
+      row_offsets, backend, in_features, kept_layout, need_input_grad, need_delta_grad):
+    grad_x = grad.new_empty(grad.shape[0], in_features, dtype=saved_x.dtype) if need_input_grad else grad.new_empty(0)
+    return grad_x, (torch.empty_like(delta) if need_delta_grad else delta.new_empty(0))
 
 
 def _bypass_setup_context(ctx, inputs, output):
-    x2d, delta, *pattern, backend = inputs
-    ctx.save_for_backward(x2d, delta, *pattern)
-    ctx.backend = backend
+    (x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, kept, kept_columns,
+     backend, keep_columns) = inputs
+    keep = keep_columns and ctx.needs_input_grad[1]  # without a delta gradient x is not needed at all
+    saved_x = _kept_input(x2d, kept, token_major=backend == "triton") if keep else x2d
+    ctx.save_for_backward(saved_x, delta, columns, kept_columns if keep else columns, transposed_rows,
+                          transposed_order, transposed_offsets, row_offsets)
+    ctx.backend, ctx.in_features, ctx.kept_layout = backend, x2d.shape[1], keep and backend != "triton"
 
 
 def _bypass_backward(ctx, grad):
-    x2d, delta, *pattern = ctx.saved_tensors
+    saved_x, delta, *pattern = ctx.saved_tensors
     need_x, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_delta = torch.ops.neuroada.bypass_backward(grad, x2d, delta, *pattern, ctx.backend, need_x,
-                                                             need_delta)
-    return (grad_x if need_x else None, grad_delta if need_delta else None) + (None,) * 6
+    grad_x, grad_delta = torch.ops.neuroada.bypass_backward(grad, saved_x, delta, *pattern, ctx.backend,
+                                                             ctx.in_features, ctx.kept_layout, need_x, need_delta)
+    return (grad_x if need_x else None, grad_delta if need_delta else None) + (None,) * 9
 
 
 _bypass_op.register_autograd(_bypass_backward, setup_context=_bypass_setup_context)
@@ -250,7 +296,7 @@ _bypass_op.register_autograd(_bypass_backward, setup_context=_bypass_setup_conte
 
 @torch.library.custom_op("neuroada::linear_bypass", mutates_args=())
 def _linear_bypass_op(x2d: Tensor, weight_rows: Tensor, bias: Optional[Tensor], delta: Tensor, columns: Tensor,
-                      row_offsets: Tensor) -> Tensor:
+                      row_offsets: Tensor, kept: Tensor, kept_columns: Tensor, keep_columns: bool) -> Tensor:
     with torch.autocast(x2d.device.type, enabled=False):
         composed = _composed_weight(weight_rows, delta, columns)
         out = F.linear(x2d.to(composed.dtype), composed, None if bias is None else bias.to(composed.dtype))
@@ -258,44 +304,51 @@ def _linear_bypass_op(x2d: Tensor, weight_rows: Tensor, bias: Optional[Tensor], 
 
 
 @_linear_bypass_op.register_fake
-def _(x2d, weight_rows, bias, delta, columns, row_offsets):
+def _(x2d, weight_rows, bias, delta, columns, row_offsets, kept, kept_columns, keep_columns):
     return x2d.new_empty(x2d.shape[0], weight_rows.shape[0])
 
 
 @torch.library.custom_op("neuroada::linear_bypass_backward", mutates_args=())
-def _linear_bypass_backward_op(grad: Tensor, x2d: Tensor, weight_rows: Tensor, delta: Tensor, columns: Tensor,
-                               row_offsets: Tensor, need_input_grad: bool,
+def _linear_bypass_backward_op(grad: Tensor, saved_x: Tensor, weight_rows: Tensor, delta: Tensor, columns: Tensor,
+                               sampled_columns: Tensor, row_offsets: Tensor, kept_layout: bool, need_input_grad: bool,
                                need_delta_grad: bool) -> tuple[Tensor, Tensor]:
-    grad_x = x2d.new_empty(0)
+    grad_x = saved_x.new_empty(0)
     grad_delta = delta.new_empty(0)
-    with torch.autocast(x2d.device.type, enabled=False):
+    with torch.autocast(grad.device.type, enabled=False):
         if need_input_grad:
             composed = _composed_weight(weight_rows, delta, columns)
-            grad_x = (grad.to(composed.dtype) @ composed).to(x2d.dtype)
+            grad_x = (grad.to(composed.dtype) @ composed).to(saved_x.dtype)
         if need_delta_grad:
-            grad_delta = _sampled_product(_transposed_f32(grad), x2d, columns, row_offsets).to(delta.dtype)
+            grad_delta = _sampled_product(_transposed_f32(grad), _feature_major_f32(saved_x, kept_layout),
+                                          sampled_columns, row_offsets).to(delta.dtype)
     return grad_x, grad_delta
 
 
 @_linear_bypass_backward_op.register_fake
-def _(grad, x2d, weight_rows, delta, columns, row_offsets, need_input_grad, need_delta_grad):
-    return (torch.empty_like(x2d) if need_input_grad else x2d.new_empty(0),
-            torch.empty_like(delta) if need_delta_grad else delta.new_empty(0))
+def _(grad, saved_x, weight_rows, delta, columns, sampled_columns, row_offsets, kept_layout, need_input_grad,
+      need_delta_grad):
+    grad_x = grad.new_empty(grad.shape[0], weight_rows.shape[1], dtype=saved_x.dtype) if need_input_grad \
+        else grad.new_empty(0)
+    return grad_x, (torch.empty_like(delta) if need_delta_grad else delta.new_empty(0))
 
 
 def _linear_bypass_setup_context(ctx, inputs, output):
-    x2d, weight_rows, bias, delta, columns, row_offsets = inputs
-    ctx.save_for_backward(x2d, weight_rows, delta, columns, row_offsets)
+    x2d, weight_rows, bias, delta, columns, row_offsets, kept, kept_columns, keep_columns = inputs
+    keep = keep_columns and ctx.needs_input_grad[3]
+    saved_x = _kept_input(x2d, kept, token_major=False) if keep else x2d
+    ctx.save_for_backward(saved_x, weight_rows, delta, columns, kept_columns if keep else columns, row_offsets)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.kept_layout = keep
 
 
 def _linear_bypass_backward(ctx, grad):
-    x2d, weight_rows, delta, columns, row_offsets = ctx.saved_tensors
+    saved_x, weight_rows, delta, columns, sampled_columns, row_offsets = ctx.saved_tensors
     need_x, need_bias, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-    grad_x, grad_delta = torch.ops.neuroada.linear_bypass_backward(grad, x2d, weight_rows, delta, columns,
-                                                                    row_offsets, need_x, need_delta)
+    grad_x, grad_delta = torch.ops.neuroada.linear_bypass_backward(grad, saved_x, weight_rows, delta, columns,
+                                                                    sampled_columns, row_offsets, ctx.kept_layout,
+                                                                    need_x, need_delta)
     grad_bias = grad.float().sum(0).to(ctx.bias_dtype) if need_bias else None
-    return grad_x if need_x else None, None, grad_bias, grad_delta if need_delta else None, None, None
+    return (grad_x if need_x else None, None, grad_bias, grad_delta if need_delta else None) + (None,) * 5
 
 
 _linear_bypass_op.register_autograd(_linear_bypass_backward, setup_context=_linear_bypass_setup_context)
@@ -321,12 +374,32 @@ def _transposed_f32(matrix: Tensor) -> Tensor:
     return out
 
 
-def _sampled_product(grad_t: Tensor, x2d: Tensor, columns: Tensor, row_offsets: Tensor) -> Tensor:
-    """``out[i, j] = sum_n grad_t[i, n] * x2d[n, columns[i, j]]``: the product ``grad_t @ x2d`` evaluated only at
+def _kept_input(x2d: Tensor, kept: Tensor, token_major: bool) -> Tensor:
+    """``x2d[:, kept]`` in x's dtype, laid out the way the backward reads it: ``[tokens, u]`` for the Triton kernels,
+    ``[u, tokens]`` for the CPU sampled product (which then needs no transpose of x). On the CPU the gather runs in
+    slabs of token rows, so that each slab's transpose stays in cache."""
+    kept = kept.long()
+    if token_major:
+        return x2d.index_select(1, kept)
+    if x2d.device.type != "cpu":
+        return x2d.index_select(1, kept).T.contiguous()
+    out = torch.empty(kept.numel(), x2d.shape[0], dtype=x2d.dtype, device=x2d.device)
+    for start in range(0, x2d.shape[0], _TRANSPOSE_SLAB_ROWS):
+        out[:, start : start + _TRANSPOSE_SLAB_ROWS].copy_(
+            x2d[start : start + _TRANSPOSE_SLAB_ROWS].index_select(1, kept).T)
+    return out
+
+
+def _feature_major_f32(saved_x: Tensor, kept_layout: bool) -> Tensor:
+    """The saved input as float32 ``[features, tokens]``: a gathered copy is already laid out so, x is transposed."""
+    return saved_x.float() if kept_layout else _transposed_f32(saved_x)
+
+
+def _sampled_product(grad_t: Tensor, x_t: Tensor, columns: Tensor, row_offsets: Tensor) -> Tensor:
+    """``out[i, j] = sum_n grad_t[i, n] * x_t[columns[i, j], n]``: the product ``grad_t @ x_t.T`` evaluated only at
     the selected entries, as a CSR sampled matmul (columns are sorted within each row, as CSR requires). Both
-    operands go in row-major over tokens, the layout the CPU kernel runs fastest on (about 15x faster than
-    strided operands), so x is transposed here."""
-    x_t = _transposed_f32(x2d)
+    operands go in row-major over tokens ([out, tokens] and [features, tokens]), the layout the CPU kernel runs
+    fastest on (about 15x faster than strided operands)."""
     out_features, k = columns.shape
     with warnings.catch_warnings():  # PyTorch warns about CSR's beta status; scoped here, not process-wide
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -334,7 +407,7 @@ def _sampled_product(grad_t: Tensor, x2d: Tensor, columns: Tensor, row_offsets: 
             row_offsets,
             columns.reshape(-1),
             torch.zeros(out_features * k, dtype=torch.float32, device=grad_t.device),  # beta * NaN would be NaN
-            size=(out_features, x2d.shape[1]),
+            size=(out_features, x_t.shape[0]),
             check_invariants=False,
         )
         product = torch.sparse.sampled_addmm(sampled, grad_t, x_t.T, beta=0.0)

@@ -36,6 +36,10 @@ class NeuroAdaConfig(PeftConfig):
             Modules never to adapt, by the same rules as ``target_modules``.
         modules_to_save (`Optional[list[str]]`):
             Modules trained in full and saved with the adapter, e.g. a new classifier head (``["classifier"]``).
+        trainable_token_indices (`Optional[Union[list[int], dict[str, list[int]]]]`):
+            Embedding rows to train and save with the adapter, e.g. the ids of tokens added to the tokenizer (PEFT's
+            trainable tokens, as in ``LoraConfig``): a list for the input embedding, or ``{"embed_tokens": [...]}``
+            by module name. TRL's ``SFTTrainer`` fills it in when ``chat_template_path`` adds tokens.
         selection (`str`):
             How connections are chosen per neuron: ``"magnitude"`` (largest ``|W[i, j]|``, the paper's default),
             ``"smallest"`` (smallest ``|W[i, j]|``) or ``"random"`` (uniform, reproducible from ``seed``).
@@ -74,6 +78,10 @@ class NeuroAdaConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Modules trained in full and saved with the adapter, e.g. a new classifier head."},
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={"help": "Embedding rows to train and save with the adapter: token ids, or {module name: ids}."},
     )
     selection: str = field(
         default="magnitude",

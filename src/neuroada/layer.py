@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -13,7 +14,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import quantized, sharding
-from .bypass import SparsePattern, build_pattern, choose_backend, dense_matrix, linear_with_bypass, sparse_bypass
+from .bypass import (SparsePattern, build_pattern, choose_backend, dense_matrix, keeps_columns, linear_with_bypass,
+                     sparse_bypass)
 from .config import NeuroAdaConfig
 from .selection import layer_seed, precision_fragile_rows, select_per_neuron, selection_fingerprint
 
@@ -57,6 +59,15 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._patterns: dict[str, SparsePattern] = {}
         self._selection_keys: dict[str, tuple[SparsePattern, str]] = {}  # see _selection_key (mixed batches)
+        # Whether another adapted layer reads the same input tensor (q/k/v, gate/up): "learning" in the forwards
+        # that train the deltas, until the first backward has accumulated this layer's delta gradient
+        # (end_input_learning), then "shared" or "alone". Only a layer alone on its input keeps a gathered
+        # x[:, kept] for its backward instead of x: a partial copy beside an x kept anyway adds memory. Decided after
+        # the layer's backward, never between a forward and its backward, so that a checkpointed block recomputes
+        # what its forward saved, however many other forwards (a DPO reference, an evaluation) run in between.
+        self._input_sharing = "learning"
+        self._inputs_recorded = False
+        self._input_seen_shared = False
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -110,6 +121,9 @@ class NeuroAdaLayer(BaseTunerLayer):
         else:
             delta = torch.randn(self.out_features, k, dtype=torch.float32, device=rows.device) * 0.02
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
+        layer = weakref.ref(self)
+        self.neuroada_delta[adapter_name].register_post_accumulate_grad_hook(
+            lambda _: layer() is not None and layer().end_input_learning())
         sharding.register_with_zero3(self, self.neuroada_delta[adapter_name], self.get_base_layer().weight)
         self.neuroada_indices[adapter_name] = indices
         self._patterns.pop(adapter_name, None)
@@ -246,6 +260,25 @@ def _shared_rows(adapter_names: tuple[str, ...], names: tuple[str, ...], device:
     return (None if whole else torch.tensor(rows, dtype=torch.long, device=device)), slots
 
 
+# id of an input tensor -> (a weak reference to it, the adapted layers that read it), while layers learn whether
+# they share their input (see NeuroAdaLayer._keeps_columns); entries go when the tensor does.
+_input_readers: dict[int, tuple[weakref.ref, list[weakref.ref]]] = {}
+
+
+def _record_reader(x: torch.Tensor, layer: NeuroAdaLayer) -> None:
+    key = id(x)
+    entry = _input_readers.get(key)
+    if entry is None or entry[0]() is not x:
+        entry = (weakref.ref(x, lambda _, key=key: _input_readers.pop(key, None)), [])
+        _input_readers[key] = entry
+    readers = entry[1]
+    readers.append(weakref.ref(layer))
+    if len(readers) > 1:
+        for reader in readers:
+            if reader() is not None:
+                reader()._input_seen_shared = True
+
+
 class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
     """NeuroAda around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
@@ -282,13 +315,15 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         fusable = len(active) == 1 and not args and not kwargs and self._fusable(x)
         backends = {name: choose_backend(self.bypass_backend[name], x, self.neuroada_delta[name].shape[1], fusable)
                     for name in active}
+        keep_columns = len(active) == 1 and self._keeps_columns(x, active[0])
         if len(active) == 1 and backends[active[0]] == "fused":
             base = self.get_base_layer()
             weight_rows = base.weight.T if self.is_conv1d else base.weight
-            return linear_with_bypass(x, weight_rows, base.bias, self.neuroada_delta[active[0]], self.pattern(active[0]))
+            return linear_with_bypass(x, weight_rows, base.bias, self.neuroada_delta[active[0]], self.pattern(active[0]),
+                                      keep_columns)
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
-            bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), backends[name])
+            bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), backends[name], keep_columns)
             result = result + bypass.to(result.dtype)
         return result
 
@@ -373,6 +408,34 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
                 break
         self._selection_keys[name] = (pattern, key)
         return key
+
+    def _keeps_columns(self, x: torch.Tensor, adapter_name: str) -> bool:
+        """Whether the op keeps only ``x[:, kept]`` for the backward instead of x: when the deltas train, nothing
+        else keeps x (the base is a plain frozen layer, which saves no input, and no other adapted layer reads the
+        same tensor), and the selection reads few enough input positions."""
+        if not (torch.is_grad_enabled() and self.neuroada_delta[adapter_name].requires_grad):
+            return False
+        if torch.compiler.is_compiling():
+            return False  # the sharing bookkeeping below is Python state a compiled graph must not depend on
+        if self._input_sharing == "learning":
+            _record_reader(x, self)
+            self._inputs_recorded = True
+            return False
+        base = self.get_base_layer()
+        return (
+            self._input_sharing == "alone"
+            and type(base).forward is (Conv1D.forward if self.is_conv1d else nn.Linear.forward)
+            and not base.weight.requires_grad
+            and not self.quantization
+            and keeps_columns(self.pattern(adapter_name))
+        )
+
+    def end_input_learning(self) -> None:
+        """Decide whether this layer shares its input with another adapted layer, from the training forwards seen
+        so far (every reader of their inputs has run by now). Called when a backward has accumulated the delta's
+        gradient: after every recomputation of this layer in that backward."""
+        if self._input_sharing == "learning" and self._inputs_recorded:
+            self._input_sharing = "shared" if self._input_seen_shared else "alone"
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether the fused path computes exactly what calling the base layer would: its forward is nn.Linear's

@@ -54,6 +54,7 @@ class NeuroAdaModel(BaseTuner):
         except BaseException:
             self._undo_adapter(adapter_name)
             raise
+
         if self._capped_layers:
             warnings.warn(
                 f"NeuroAda k={self.peft_config[adapter_name].k} is larger than the input size of "
