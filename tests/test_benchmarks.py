@@ -14,8 +14,10 @@ import pytest
 import torch
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-SMOKE_TESTED = {"bench_layer.py", "bench_model.py", "compare_methods.py"}
-NOT_A_BENCHMARK = {"common.py", "gpu_check.py"}  # shared helpers; the GPU check is tested on its own
+SMOKE_TESTED = {"bench_layer.py", "bench_model.py", "compare_methods.py",
+                "bench_adapters.py"}  # (bench_adapters: tests/test_bench_adapters.py)
+# shared helpers; the GPU check is tested on its own (tests/test_gpu_check.py); the bundle writer only packs files
+NOT_A_BENCHMARK = {"common.py", "gpu_check.py", "make_gpu_bundle.py"}
 
 
 @pytest.fixture
@@ -60,7 +62,7 @@ def test_bench_model_methods_at_toy_size(benchmark, monkeypatch, capsys):
     # contend on a busy 2-core machine and make this toy run 20x slower.
     torch.set_num_threads(1)
     try:
-        results = {method: bench_model.run_one(method, batch=1, seq=8, steps=1, tiny=True)
+        results = {method: bench_model.run_one(method, "1x8", steps=1, weights="tiny")
                    for method in bench_model.METHODS}  # every method in this process: cheap at toy size
     finally:
         torch.set_num_threads(threads)
@@ -75,8 +77,8 @@ def test_bench_model_methods_at_toy_size(benchmark, monkeypatch, capsys):
 @pytest.mark.slow  # a worker process per method, each importing transformers and PEFT: ~5 s each
 def test_bench_model_script_at_toy_size(benchmark, monkeypatch, capsys):
     bench_model = benchmark("bench_model")
-    out = run_main(bench_model, ["--tiny", "--batch", "1", "--seq", "8", "--steps", "1", "--methods", "frozen",
-                                 "neuroada-k1"], monkeypatch, capsys)
+    out = run_main(bench_model, ["--weights", "tiny", "--shapes", "1x8", "1x8+gc", "--rounds", "1", "--steps", "1",
+                                 "--methods", "frozen", "neuroada-k1"], monkeypatch, capsys)
     assert "tiny (smoke test) Llama" in out and "| neuroada-k1 |" in out and "| frozen |" in out
 
 

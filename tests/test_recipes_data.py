@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from neuroada_recipes.data import DataError, deduplicated_split, load_table
+from neuroada_recipes.data import DataError, deduplicated_split, default_test_size, load_table
 from neuroada_recipes.tasks import answers_match, classification_metrics, encode_instruction, extract_answer
 
 
@@ -39,6 +39,31 @@ def test_split_removes_duplicates_so_no_text_is_in_both():
     assert again.test["text"] == splits.test["text"]  # the seed fixes the split
     with pytest.raises(DataError, match="only 50 distinct rows"):
         deduplicated_split(table, "text", test_size=50, train_size=None, seed=0)
+
+
+def test_default_test_split_scales_with_the_data():
+    assert [default_test_size(n) for n in (5, 300, 9_999, 36_243)] == [1, 30, 999, 1000]
+    table = Dataset.from_dict({"text": [f"t{i}" for i in range(300)], "label": [i % 2 for i in range(300)]})
+    splits = deduplicated_split(table, "text", test_size=None, train_size=None, seed=0)
+    assert (len(splits.test), len(splits.train)) == (30, 270)  # the fixed 1,000 refused 300 rows
+    test_only = deduplicated_split(table, "text", test_size=None, train_size=None, seed=0, test_only=True)
+    assert test_only.test["text"] == splits.test["text"] and len(test_only.train) == 0  # the same test rows
+
+
+def test_integer_labels_keep_their_ids():
+    from neuroada_recipes.cli import _label_order
+
+    assert _label_order({"0", "1", "2", "10"}) == ["0", "1", "2", "10"]  # not "10" before "2"
+    assert _label_order({"positive", "negative"}) == ["negative", "positive"]
+
+
+def test_training_defaults_apply_to_every_task():
+    from neuroada_recipes.recipes import RECIPES, default_training_arguments
+
+    for task in ("classification", "instruction"):
+        defaults = default_training_arguments(task, k=1)
+        assert defaults["learning_rate"] == 1e-2 and defaults["warmup_steps"] == 10
+    assert all("per_device_train_batch_size" not in recipe for recipe in RECIPES.values())  # one place
 
 
 @pytest.mark.parametrize("text, kind, expected", [

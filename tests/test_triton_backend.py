@@ -60,3 +60,22 @@ def test_delta_gradient_sums_token_splits(monkeypatch):
     expected = (grad.T @ x).gather(1, indices.long())
     got = triton_backend.delta_grad(grad.to(DEVICE), x.to(DEVICE), indices.long().to(DEVICE))
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_row_offsets_are_64_bit_past_two_to_the_31():
+    """tokens x stride >= 2**31 (e.g. 200,000 tokens of 11,008 features) must not wrap: shown on the offset helper
+    itself, since a real input that large does not fit a test."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out_ptr, first_row, stride, BLOCK: tl.constexpr):
+        rows = first_row + tl.arange(0, BLOCK)
+        tl.store(out_ptr + tl.arange(0, BLOCK), triton_backend._row_starts(rows, stride))
+
+    first_row, stride = 200_000, 11_008  # both fit in 32 bits; their product does not
+    out = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    probe[(1,)](out, first_row, stride, BLOCK=4)
+    expected = torch.tensor([(first_row + i) * stride for i in range(4)], dtype=torch.int64)
+    assert expected.max() >= 2**31
+    assert torch.equal(out.cpu(), expected)

@@ -1,7 +1,8 @@
 """Registration of NeuroAda with PEFT: the one place that relies on PEFT internals.
 
 PEFT has no public plug-in registry: its own ``register_peft_method`` only accepts names that are members of the
-closed ``PeftType`` enum. PEFT looks methods up in four dicts keyed by ``PeftType`` values, and ``PeftType`` is a
+closed ``PeftType`` enum (it raises "Unknown PEFT type ... please add an entry to PeftType"), and adding a member
+would mean patching PEFT's enum. PEFT looks methods up in four dicts keyed by ``PeftType`` values, and ``PeftType`` is a
 ``str`` enum, so a plain string key ``"NEUROADA"`` is found by the same lookups (``config.peft_type``, the
 ``"peft_type"`` read from adapter_config.json). We therefore put our classes into those dicts under that string,
 with the checks ``register_peft_method`` does, and never touch the enum. What this relies on is asserted by
@@ -12,15 +13,20 @@ from __future__ import annotations
 
 
 class PeftTypeName(str):
-    """A PEFT method name that behaves like a ``PeftType`` member where PEFT uses one (``.value``, ``.name``)."""
+    """A PEFT method name that behaves like a ``PeftType`` member where PEFT uses one: ``.value`` and ``.name`` are
+    the name, and ``str()`` reads ``"PeftType.NEUROADA"`` as a member's does (PEFT's ``get_model_status`` takes the
+    part after the dot). JSON and comparisons see the plain string ``"NEUROADA"``."""
 
     @property
     def value(self) -> str:
-        return str(self)
+        return str.__str__(self)
 
     @property
     def name(self) -> str:
-        return str(self)
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        return f"PeftType.{self.value}"
 
 
 NEUROADA_PEFT_TYPE = PeftTypeName("NEUROADA")

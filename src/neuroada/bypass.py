@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import triton_backend
+from . import kernel_check, triton_backend
 
 BACKENDS = ("auto", "fused", "triton", "gather", "dense")
 
@@ -43,72 +43,159 @@ _TRANSPOSE_SLAB_ROWS = 128
 # temporaries raise peak memory for small batches.
 _FUSED_MIN_TOKENS = 512
 
-# The CPU sampled product builds a CSR tensor on every backward; PyTorch warns about CSR's beta status each time.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+# Device types on which "auto" prefers the Triton kernels (a name, so tests can add "cpu" for the interpreter).
+_TRITON_DEVICE_TYPES = ("cuda",)
+
+# The op keeps for its backward only the input columns that some neuron reads, x[:, kept], when they are at most
+# this share of the input; above it, x itself (a gathered copy of nearly all of x saves little memory and costs a
+# copy). Measured with benchmarks/bench_layer.py (README "Activation memory").
+KEEP_COLUMNS_MAX_COVERAGE = 0.75
+
+# Messages already given by _warn_once (a fallback is announced once per process, not once per layer and call).
+_warned: set[str] = set()
 
 
 class SparsePattern(NamedTuple):
-    """A selection in the layouts the op needs; built once per selection, reused every step."""
+    """A selection in the layouts the op needs; built once per selection, reused every step. All int32: the
+    smallest index type that embedding_bag, CSR tensors and the Triton kernels accept."""
 
-    columns: Tensor  # [out, k] int64: the selected input positions of each output neuron
-    transposed_rows: Tensor  # [out * k] int64: output neuron of each entry, entries ordered by input position
-    transposed_order: Tensor  # [out * k] int64: flat position in delta of each entry, in that order
-    transposed_offsets: Tensor  # [in + 1] int64: where each input position's entries start (and the end)
-    row_offsets: Tensor  # [out + 1] int64: CSR row pointers of S (every row holds k entries)
+    columns: Tensor  # [out, k]: the selected input positions of each output neuron, rows sorted
+    transposed_rows: Tensor  # [out * k]: output neuron of each entry, entries ordered by input position
+    transposed_order: Tensor  # [out * k]: flat position in delta of each entry, in that order
+    transposed_offsets: Tensor  # [in + 1]: where each input position's entries start (and the end)
+    row_offsets: Tensor  # [out + 1]: CSR row pointers of S (every row holds k entries)
+    kept: Tensor  # [u]: the input positions some neuron reads, sorted (the only columns the delta gradient needs)
+    kept_columns: Tensor  # [out, k]: columns as positions in kept
     in_features: int
+
+    @property
+    def coverage(self) -> float:
+        """The share of the input positions that some neuron reads."""
+        return self.kept.numel() / max(self.in_features, 1)
+
+
+def check_indices(indices: Tensor, in_features: int) -> None:
+    """Refuse a selection the backends would disagree on: every position in range, none repeated within a row
+    (a repeated position would be summed by some backends and overwritten by others)."""
+    if indices.dim() != 2 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be an integer tensor [out_features, k], got {indices.dtype} of shape "
+                         f"{tuple(indices.shape)}")
+    if indices.numel() == 0:
+        return
+    wide = indices.long()
+    if wide.min() < 0 or wide.max() >= in_features:
+        raise ValueError(f"indices fall outside 0..{in_features - 1} (min {int(wide.min())}, max {int(wide.max())})")
+    ordered = wide.sort(dim=1).values
+    repeats = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    if repeats.any():
+        row = int(repeats.nonzero()[0])
+        raise ValueError(f"row {row} of the indices repeats a position ({wide[row].tolist()}); each neuron's k "
+                         "connections must be distinct, as select_per_neuron returns them")
 
 
 def build_pattern(indices: Tensor, in_features: int) -> SparsePattern:
     columns = indices.long()
+    # (inside a compiled graph the checks, data-dependent branches, are skipped: a layer's indices were checked
+    # when they were selected or loaded)
+    if not torch.compiler.is_compiling():
+        check_indices(indices, in_features)
+    if not torch.compiler.is_compiling() and not _rows_sorted(columns):  # CSR needs sorted columns within a row
+        raise ValueError("each row of the indices must be sorted ascending (as select_per_neuron returns them), "
+                         "with the deltas in the same order")
     out_features, k = columns.shape
     flat = columns.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     offsets = torch.zeros(in_features + 1, dtype=torch.long, device=flat.device)
     offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=in_features), 0)
     row_offsets = torch.arange(0, out_features * k + 1, k, device=flat.device)
-    return SparsePattern(columns, order // k, order, offsets, row_offsets, in_features)
+    kept, kept_columns = torch.unique(columns, sorted=True, return_inverse=True)
+    layouts = (columns, order // k, order, offsets, row_offsets, kept, kept_columns)
+    return SparsePattern(*(t.to(torch.int32) for t in layouts), in_features)
 
 
-def choose_backend(tokens: int, in_features: int, k: int, device: torch.device, fusable: bool = False) -> str:
-    """The backend for one call. ``fusable``: the caller can replace its base layer's matmul by the fused one
-    (a plain float32 linear layer). Measured on CPU (benchmarks/bench_layer.py): fused beats a separate bypass
-    from a few hundred tokens on; among the separate bypasses, dense S wins when k is a large share of
-    in_features (crossover near k = in / 8). On a GPU with Triton, the Triton kernels."""
-    if device.type == "cuda" and triton_backend.available(device):
+def _rows_sorted(indices: Tensor) -> bool:
+    return indices.shape[1] < 2 or bool((indices[:, 1:].long() > indices[:, :-1].long()).all())
+
+
+def choose_backend(requested: str, x: Tensor, k: int, fusable: bool = False) -> str:
+    """The one place where a backend is decided, per call. ``x`` is the layer input ``[..., in_features]``;
+    ``fusable``: the caller may replace its base layer's forward by the fused matmul (it is a plain frozen float32
+    linear layer whose forward is exactly ``x W^T + b``).
+
+    1. An explicit backend is used where it can run. ``"fused"`` where ``fusable`` is false and ``"triton"`` where
+       Triton cannot run (no Triton, not a GPU) fall back to rule 2, which computes the same bypass; a Triton
+       fallback is announced once, since it is a property of the machine, not of the adapter.
+    2. ``"auto"``: the Triton kernels on a GPU where they run and passed their self-check for this device and
+       activation dtype (:mod:`neuroada.kernel_check`); else the fused layer from 512 tokens on where
+       ``fusable`` (the copies of W cost less than a separate bypass); else a dense S when k is at least 1/8 of
+       the inputs; else the gather kernels. (Measured on CPU by benchmarks/bench_layer.py.)
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown bypass backend {requested!r}; choose one of {BACKENDS}")
+    if requested in ("gather", "dense") or (requested == "fused" and fusable):
+        return requested
+    if requested == "triton":
+        if triton_backend.available(x.device):
+            return "triton"
+        _warn_once(f"the triton bypass backend cannot run on {x.device} ("
+                   f"{'Triton is not installed' if triton_backend.triton is None else 'not a GPU'}); using the "
+                   "PyTorch backends, which compute the same bypass. The setting is stored in the adapter's config "
+                   "but binds nothing: set bypass_backend='auto' to silence this.")
+    if (x.device.type in _TRITON_DEVICE_TYPES and triton_backend.available(x.device)
+            and kernel_check.triton_usable(x.device, x.dtype)):
         return "triton"
+    tokens = x.numel() // max(x.shape[-1], 1)
     if fusable and tokens >= _FUSED_MIN_TOKENS:
         return "fused"
-    return "dense" if 8 * k >= in_features else "gather"
+    return "dense" if 8 * k >= x.shape[-1] else "gather"
 
 
-def sparse_bypass(x: Tensor, delta: Tensor, pattern: SparsePattern, backend: str = "auto") -> Tensor:
-    """``x S^T`` for ``x`` of shape ``[..., in]``; returns ``[..., out]`` in float32 (``delta``'s dtype)."""
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def sparse_bypass(x: Tensor, delta: Tensor, pattern: SparsePattern, backend: str = "auto",
+                  keep_columns: Optional[bool] = None) -> Tensor:
+    """``x S^T`` for ``x`` of shape ``[..., in]``; returns ``[..., out]`` in float32 (``delta``'s dtype).
+
+    ``keep_columns``: keep only ``x[:, pattern.kept]`` for the backward instead of ``x``; ``None`` decides by the
+    selection's coverage (:func:`keeps_columns`). Pass ``False`` when something else keeps ``x`` anyway (another
+    layer reading the same input): a partial copy beside the whole would only add memory."""
     if x.shape[-1] != pattern.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the adapted layer expects {pattern.in_features}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown bypass backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        backend = choose_backend(x.numel() // max(x.shape[-1], 1), pattern.in_features, delta.shape[1], x.device)
     if backend == "fused":
         raise ValueError("the fused backend replaces the whole layer: call linear_with_bypass")
-    if backend == "triton" and not triton_backend.available(x.device):
-        raise ValueError(f"the triton backend needs Triton and a GPU (or TRITON_INTERPRET=1 on CPU); x is on {x.device}")
-    out = torch.ops.neuroada.bypass(x.reshape(-1, x.shape[-1]), delta, *pattern[:5], backend)
+    backend = choose_backend(backend, x, delta.shape[1])
+    keep_columns = keeps_columns(pattern) if keep_columns is None else keep_columns
+    out = torch.ops.neuroada.bypass(x.reshape(-1, x.shape[-1]), delta, pattern.columns, pattern.transposed_rows,
+                                    pattern.transposed_order, pattern.transposed_offsets, pattern.row_offsets,
+                                    pattern.kept, pattern.kept_columns, backend, keep_columns)
     return out.reshape(*x.shape[:-1], delta.shape[0])
 
 
 def linear_with_bypass(
-    x: Tensor, weight_rows: Tensor, bias: Optional[Tensor], delta: Tensor, pattern: SparsePattern
+    x: Tensor, weight_rows: Tensor, bias: Optional[Tensor], delta: Tensor, pattern: SparsePattern,
+    keep_columns: Optional[bool] = None,
 ) -> Tensor:
     """``x (W + S)^T + b`` for a frozen ``weight_rows`` ([out, in], any strides), in x's dtype. W gets no gradient
-    (b does if it requires one); autograd keeps x, delta and references to W and b, no copy of W."""
+    (b does if it requires one); autograd keeps x (or only ``x[:, pattern.kept]``, see :func:`sparse_bypass`),
+    delta and references to W and b, no copy of W."""
     if x.shape[-1] != pattern.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the adapted layer expects {pattern.in_features}")
     if weight_rows.requires_grad:
         raise ValueError("linear_with_bypass needs a frozen weight; it computes no weight gradient")
+    keep_columns = keeps_columns(pattern) if keep_columns is None else keep_columns
     out = torch.ops.neuroada.linear_bypass(x.reshape(-1, x.shape[-1]), weight_rows, bias, delta, pattern.columns,
-                                           pattern.row_offsets)
+                                           pattern.row_offsets, pattern.kept, pattern.kept_columns, keep_columns)
     return out.reshape(*x.shape[:-1], delta.shape[0])
+
+
+def keeps_columns(pattern: SparsePattern) -> bool:
+    """Whether keeping ``x[:, kept]`` for the backward pays: the selection reads at most
+    :data:`KEEP_COLUMNS_MAX_COVERAGE` of the inputs."""
+    return pattern.coverage <= KEEP_COLUMNS_MAX_COVERAGE
 
 
 def sparse_bypass_reference(x: Tensor, delta: Tensor, indices: Tensor) -> Tensor:
@@ -121,7 +208,7 @@ def sparse_bypass_reference(x: Tensor, delta: Tensor, indices: Tensor) -> Tensor
 def dense_matrix(delta: Tensor, columns: Tensor, in_features: int) -> Tensor:
     """S as a float32 ``[out, in]`` matrix (for the dense backend and for inspecting an adapter)."""
     dense = torch.zeros(delta.shape[0], in_features, dtype=torch.float32, device=delta.device)
-    return dense.scatter_(1, columns, delta.float())
+    return dense.scatter_(1, columns.long(), delta.float())
 
 
 # ---------------------------------------------------------------------------------------------- the separate bypass
@@ -129,7 +216,8 @@ def dense_matrix(delta: Tensor, columns: Tensor, in_features: int) -> Tensor:
 
 @torch.library.custom_op("neuroada::bypass", mutates_args=())
 def _bypass_op(x2d: Tensor, delta: Tensor, columns: Tensor, transposed_rows: Tensor, transposed_order: Tensor,
-               transposed_offsets: Tensor, row_offsets: Tensor, backend: str) -> Tensor:
+               transposed_offsets: Tensor, row_offsets: Tensor, kept: Tensor, kept_columns: Tensor, backend: str,
+               keep_columns: bool) -> Tensor:
     with torch.autocast(x2d.device.type, enabled=False):
         if backend == "triton":
             return triton_backend.bypass_forward(x2d, delta, columns)
@@ -140,57 +228,64 @@ def _bypass_op(x2d: Tensor, delta: Tensor, columns: Tensor, transposed_rows: Ten
 
 
 @_bypass_op.register_fake
-def _(x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, backend):
+def _(x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, kept, kept_columns,
+      backend, keep_columns):
     return x2d.new_empty(x2d.shape[0], delta.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("neuroada::bypass_backward", mutates_args=())
-def _bypass_backward_op(grad: Tensor, x2d: Tensor, delta: Tensor, columns: Tensor, transposed_rows: Tensor,
-                        transposed_order: Tensor, transposed_offsets: Tensor, row_offsets: Tensor, backend: str,
+def _bypass_backward_op(grad: Tensor, saved_x: Tensor, delta: Tensor, columns: Tensor, sampled_columns: Tensor,
+                        transposed_rows: Tensor, transposed_order: Tensor, transposed_offsets: Tensor,
+                        row_offsets: Tensor, backend: str, in_features: int, kept_layout: bool,
                         need_input_grad: bool, need_delta_grad: bool) -> tuple[Tensor, Tensor]:
-    grad_x = x2d.new_empty(0)
+    grad_x = saved_x.new_empty(0)
     grad_delta = delta.new_empty(0)
-    with torch.autocast(x2d.device.type, enabled=False):
+    with torch.autocast(grad.device.type, enabled=False):
         if backend == "triton":
             if need_input_grad:
                 grad_x = triton_backend.input_grad(grad, delta, transposed_rows, transposed_order,
-                                                   transposed_offsets, x2d.shape[1], x2d.dtype)
-            if need_delta_grad:
-                grad_delta = triton_backend.delta_grad(grad, x2d, columns).to(delta.dtype)
+                                                   transposed_offsets, in_features, saved_x.dtype)
+            if need_delta_grad:  # saved_x is [tokens, u] or [tokens, in]: token-major either way
+                grad_delta = triton_backend.delta_grad(grad, saved_x, sampled_columns).to(delta.dtype)
             return grad_x, grad_delta
         grad_t = _transposed_f32(grad)  # [out, tokens]
         if need_input_grad:
             if backend == "dense":
-                grad_x = (grad_t.T @ dense_matrix(delta, columns, x2d.shape[1])).to(x2d.dtype)
+                grad_x = (grad_t.T @ dense_matrix(delta, columns, in_features)).to(saved_x.dtype)
             else:
                 weights = delta.float().reshape(-1)[transposed_order]
                 grad_x_t = F.embedding_bag(transposed_rows, grad_t, transposed_offsets, per_sample_weights=weights,
                                            mode="sum", include_last_offset=True)
-                grad_x = _transposed_f32(grad_x_t).to(x2d.dtype)
+                grad_x = _transposed_f32(grad_x_t).to(saved_x.dtype)
         if need_delta_grad:
-            grad_delta = _sampled_product(grad_t, x2d, columns, row_offsets).to(delta.dtype)
+            grad_delta = _sampled_product(grad_t, _feature_major_f32(saved_x, kept_layout), sampled_columns,
+                                          row_offsets).to(delta.dtype)
     return grad_x, grad_delta
 
 
 @_bypass_backward_op.register_fake
-def _(grad, x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, backend,
-      need_input_grad, need_delta_grad):
-    return (torch.empty_like(x2d) if need_input_grad else x2d.new_empty(0),
-            torch.empty_like(delta) if need_delta_grad else delta.new_empty(0))
+def _(grad, saved_x, delta, columns, sampled_columns, transposed_rows, transposed_order, transposed_offsets,
+      row_offsets, backend, in_features, kept_layout, need_input_grad, need_delta_grad):
+    grad_x = grad.new_empty(grad.shape[0], in_features, dtype=saved_x.dtype) if need_input_grad else grad.new_empty(0)
+    return grad_x, (torch.empty_like(delta) if need_delta_grad else delta.new_empty(0))
 
 
 def _bypass_setup_context(ctx, inputs, output):
-    x2d, delta, *pattern, backend = inputs
-    ctx.save_for_backward(x2d, delta, *pattern)
-    ctx.backend = backend
+    (x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, kept, kept_columns,
+     backend, keep_columns) = inputs
+    keep = keep_columns and ctx.needs_input_grad[1]  # without a delta gradient x is not needed at all
+    saved_x = _kept_input(x2d, kept, token_major=backend == "triton") if keep else x2d
+    ctx.save_for_backward(saved_x, delta, columns, kept_columns if keep else columns, transposed_rows,
+                          transposed_order, transposed_offsets, row_offsets)
+    ctx.backend, ctx.in_features, ctx.kept_layout = backend, x2d.shape[1], keep and backend != "triton"
 
 
 def _bypass_backward(ctx, grad):
-    x2d, delta, *pattern = ctx.saved_tensors
+    saved_x, delta, *pattern = ctx.saved_tensors
     need_x, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_delta = torch.ops.neuroada.bypass_backward(grad, x2d, delta, *pattern, ctx.backend, need_x,
-                                                             need_delta)
-    return (grad_x if need_x else None, grad_delta if need_delta else None) + (None,) * 6
+    grad_x, grad_delta = torch.ops.neuroada.bypass_backward(grad, saved_x, delta, *pattern, ctx.backend,
+                                                             ctx.in_features, ctx.kept_layout, need_x, need_delta)
+    return (grad_x if need_x else None, grad_delta if need_delta else None) + (None,) * 9
 
 
 _bypass_op.register_autograd(_bypass_backward, setup_context=_bypass_setup_context)
@@ -201,7 +296,7 @@ _bypass_op.register_autograd(_bypass_backward, setup_context=_bypass_setup_conte
 
 @torch.library.custom_op("neuroada::linear_bypass", mutates_args=())
 def _linear_bypass_op(x2d: Tensor, weight_rows: Tensor, bias: Optional[Tensor], delta: Tensor, columns: Tensor,
-                      row_offsets: Tensor) -> Tensor:
+                      row_offsets: Tensor, kept: Tensor, kept_columns: Tensor, keep_columns: bool) -> Tensor:
     with torch.autocast(x2d.device.type, enabled=False):
         composed = _composed_weight(weight_rows, delta, columns)
         out = F.linear(x2d.to(composed.dtype), composed, None if bias is None else bias.to(composed.dtype))
@@ -209,44 +304,51 @@ def _linear_bypass_op(x2d: Tensor, weight_rows: Tensor, bias: Optional[Tensor], 
 
 
 @_linear_bypass_op.register_fake
-def _(x2d, weight_rows, bias, delta, columns, row_offsets):
+def _(x2d, weight_rows, bias, delta, columns, row_offsets, kept, kept_columns, keep_columns):
     return x2d.new_empty(x2d.shape[0], weight_rows.shape[0])
 
 
 @torch.library.custom_op("neuroada::linear_bypass_backward", mutates_args=())
-def _linear_bypass_backward_op(grad: Tensor, x2d: Tensor, weight_rows: Tensor, delta: Tensor, columns: Tensor,
-                               row_offsets: Tensor, need_input_grad: bool,
+def _linear_bypass_backward_op(grad: Tensor, saved_x: Tensor, weight_rows: Tensor, delta: Tensor, columns: Tensor,
+                               sampled_columns: Tensor, row_offsets: Tensor, kept_layout: bool, need_input_grad: bool,
                                need_delta_grad: bool) -> tuple[Tensor, Tensor]:
-    grad_x = x2d.new_empty(0)
+    grad_x = saved_x.new_empty(0)
     grad_delta = delta.new_empty(0)
-    with torch.autocast(x2d.device.type, enabled=False):
+    with torch.autocast(grad.device.type, enabled=False):
         if need_input_grad:
             composed = _composed_weight(weight_rows, delta, columns)
-            grad_x = (grad.to(composed.dtype) @ composed).to(x2d.dtype)
+            grad_x = (grad.to(composed.dtype) @ composed).to(saved_x.dtype)
         if need_delta_grad:
-            grad_delta = _sampled_product(_transposed_f32(grad), x2d, columns, row_offsets).to(delta.dtype)
+            grad_delta = _sampled_product(_transposed_f32(grad), _feature_major_f32(saved_x, kept_layout),
+                                          sampled_columns, row_offsets).to(delta.dtype)
     return grad_x, grad_delta
 
 
 @_linear_bypass_backward_op.register_fake
-def _(grad, x2d, weight_rows, delta, columns, row_offsets, need_input_grad, need_delta_grad):
-    return (torch.empty_like(x2d) if need_input_grad else x2d.new_empty(0),
-            torch.empty_like(delta) if need_delta_grad else delta.new_empty(0))
+def _(grad, saved_x, weight_rows, delta, columns, sampled_columns, row_offsets, kept_layout, need_input_grad,
+      need_delta_grad):
+    grad_x = grad.new_empty(grad.shape[0], weight_rows.shape[1], dtype=saved_x.dtype) if need_input_grad \
+        else grad.new_empty(0)
+    return grad_x, (torch.empty_like(delta) if need_delta_grad else delta.new_empty(0))
 
 
 def _linear_bypass_setup_context(ctx, inputs, output):
-    x2d, weight_rows, bias, delta, columns, row_offsets = inputs
-    ctx.save_for_backward(x2d, weight_rows, delta, columns, row_offsets)
+    x2d, weight_rows, bias, delta, columns, row_offsets, kept, kept_columns, keep_columns = inputs
+    keep = keep_columns and ctx.needs_input_grad[3]
+    saved_x = _kept_input(x2d, kept, token_major=False) if keep else x2d
+    ctx.save_for_backward(saved_x, weight_rows, delta, columns, kept_columns if keep else columns, row_offsets)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.kept_layout = keep
 
 
 def _linear_bypass_backward(ctx, grad):
-    x2d, weight_rows, delta, columns, row_offsets = ctx.saved_tensors
+    saved_x, weight_rows, delta, columns, sampled_columns, row_offsets = ctx.saved_tensors
     need_x, need_bias, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-    grad_x, grad_delta = torch.ops.neuroada.linear_bypass_backward(grad, x2d, weight_rows, delta, columns,
-                                                                    row_offsets, need_x, need_delta)
+    grad_x, grad_delta = torch.ops.neuroada.linear_bypass_backward(grad, saved_x, weight_rows, delta, columns,
+                                                                    sampled_columns, row_offsets, ctx.kept_layout,
+                                                                    need_x, need_delta)
     grad_bias = grad.float().sum(0).to(ctx.bias_dtype) if need_bias else None
-    return grad_x if need_x else None, None, grad_bias, grad_delta if need_delta else None, None, None
+    return (grad_x if need_x else None, None, grad_bias, grad_delta if need_delta else None) + (None,) * 5
 
 
 _linear_bypass_op.register_autograd(_linear_bypass_backward, setup_context=_linear_bypass_setup_context)
@@ -258,7 +360,7 @@ _linear_bypass_op.register_autograd(_linear_bypass_backward, setup_context=_line
 def _composed_weight(weight_rows: Tensor, delta: Tensor, columns: Tensor) -> Tensor:
     """A temporary ``W + S``: a contiguous float32 copy of W with the deltas scattered in."""
     composed = weight_rows.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
-    return composed.scatter_add_(1, columns, delta.float())
+    return composed.scatter_add_(1, columns.long(), delta.float())
 
 
 def _transposed_f32(matrix: Tensor) -> Tensor:
@@ -272,19 +374,41 @@ def _transposed_f32(matrix: Tensor) -> Tensor:
     return out
 
 
-def _sampled_product(grad_t: Tensor, x2d: Tensor, columns: Tensor, row_offsets: Tensor) -> Tensor:
-    """``out[i, j] = sum_n grad_t[i, n] * x2d[n, columns[i, j]]``: the product ``grad_t @ x2d`` evaluated only at
+def _kept_input(x2d: Tensor, kept: Tensor, token_major: bool) -> Tensor:
+    """``x2d[:, kept]`` in x's dtype, laid out the way the backward reads it: ``[tokens, u]`` for the Triton kernels,
+    ``[u, tokens]`` for the CPU sampled product (which then needs no transpose of x). On the CPU the gather runs in
+    slabs of token rows, so that each slab's transpose stays in cache."""
+    kept = kept.long()
+    if token_major:
+        return x2d.index_select(1, kept)
+    if x2d.device.type != "cpu":
+        return x2d.index_select(1, kept).T.contiguous()
+    out = torch.empty(kept.numel(), x2d.shape[0], dtype=x2d.dtype, device=x2d.device)
+    for start in range(0, x2d.shape[0], _TRANSPOSE_SLAB_ROWS):
+        out[:, start : start + _TRANSPOSE_SLAB_ROWS].copy_(
+            x2d[start : start + _TRANSPOSE_SLAB_ROWS].index_select(1, kept).T)
+    return out
+
+
+def _feature_major_f32(saved_x: Tensor, kept_layout: bool) -> Tensor:
+    """The saved input as float32 ``[features, tokens]``: a gathered copy is already laid out so, x is transposed."""
+    return saved_x.float() if kept_layout else _transposed_f32(saved_x)
+
+
+def _sampled_product(grad_t: Tensor, x_t: Tensor, columns: Tensor, row_offsets: Tensor) -> Tensor:
+    """``out[i, j] = sum_n grad_t[i, n] * x_t[columns[i, j], n]``: the product ``grad_t @ x_t.T`` evaluated only at
     the selected entries, as a CSR sampled matmul (columns are sorted within each row, as CSR requires). Both
-    operands go in row-major over tokens, the layout the CPU kernel runs fastest on (about 15x faster than
-    strided operands), so x is transposed here."""
-    x_t = _transposed_f32(x2d)
+    operands go in row-major over tokens ([out, tokens] and [features, tokens]), the layout the CPU kernel runs
+    fastest on (about 15x faster than strided operands)."""
     out_features, k = columns.shape
-    sampled = torch.sparse_csr_tensor(
-        row_offsets,
-        columns.reshape(-1),
-        torch.zeros(out_features * k, dtype=torch.float32, device=grad_t.device),  # beta * NaN would be NaN
-        size=(out_features, x2d.shape[1]),
-        check_invariants=False,
-    )
-    product = torch.sparse.sampled_addmm(sampled, grad_t, x_t.T, beta=0.0)
+    with warnings.catch_warnings():  # PyTorch warns about CSR's beta status; scoped here, not process-wide
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        sampled = torch.sparse_csr_tensor(
+            row_offsets,
+            columns.reshape(-1),
+            torch.zeros(out_features * k, dtype=torch.float32, device=grad_t.device),  # beta * NaN would be NaN
+            size=(out_features, x_t.shape[0]),
+            check_invariants=False,
+        )
+        product = torch.sparse.sampled_addmm(sampled, grad_t, x_t.T, beta=0.0)
     return product.values().view(out_features, k)

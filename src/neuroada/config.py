@@ -36,6 +36,10 @@ class NeuroAdaConfig(PeftConfig):
             Modules never to adapt, by the same rules as ``target_modules``.
         modules_to_save (`Optional[list[str]]`):
             Modules trained in full and saved with the adapter, e.g. a new classifier head (``["classifier"]``).
+        trainable_token_indices (`Optional[Union[list[int], dict[str, list[int]]]]`):
+            Embedding rows to train and save with the adapter, e.g. the ids of tokens added to the tokenizer (PEFT's
+            trainable tokens, as in ``LoraConfig``): a list for the input embedding, or ``{"embed_tokens": [...]}``
+            by module name. TRL's ``SFTTrainer`` fills it in when ``chat_template_path`` adds tokens.
         selection (`str`):
             How connections are chosen per neuron: ``"magnitude"`` (largest ``|W[i, j]|``, the paper's default),
             ``"smallest"`` (smallest ``|W[i, j]|``) or ``"random"`` (uniform, reproducible from ``seed``).
@@ -46,13 +50,18 @@ class NeuroAdaConfig(PeftConfig):
             random deltas (normal, std 0.02), for tests and debugging.
         save_indices (`bool`):
             ``True`` (default): the adapter file stores the selected indices beside the deltas. ``False``: it stores
-            the deltas only and the indices are recomputed from the base weights at load time; the load then checks
-            each layer's recomputed selection against a fingerprint and refuses a base whose selection differs.
+            the deltas, plus the indices of the few rows whose selection a bf16/fp16 copy of the base could break
+            differently (ties after rounding); the rest is recomputed from the base weights at load time, checked
+            against a per-layer fingerprint, and a base whose selection differs is refused. Either way the adapter
+            loads on the same weights in another precision.
         bypass_backend (`str`):
-            How the sparse bypass is computed: ``"auto"`` (default; chosen per call from device, dtype, shape, k and
-            token count), ``"fused"`` (one matmul on a temporary ``W + S`` that autograd does not keep; used where
-            the base is a plain frozen layer, else the best of the others), ``"gather"`` (sparse kernels,
-            O(tokens * out * k), added to the base output) or ``"dense"`` (a temporary dense S, added likewise).
+            How the sparse bypass is computed: ``"auto"`` (default; chosen per call from device, shape, k and token
+            count by :func:`neuroada.bypass.choose_backend`), ``"fused"`` (one matmul on a temporary ``W + S`` that
+            autograd does not keep; used only where the base forward is exactly ``x W^T + b``: a plain frozen
+            float32 ``nn.Linear``/``Conv1D`` without hooks, outside autocast), ``"triton"`` (GPU kernels),
+            ``"gather"`` (sparse kernels, O(tokens * out * k), added to the base output) or ``"dense"`` (a temporary
+            dense S, added likewise). A property of the machine, not of the adapter: where the named backend cannot
+            run (Triton on a CPU), the same bypass is computed by another one, with one warning.
         selection_fingerprints (`Optional[dict[str, str]]`):
             Written by ``save_pretrained``: a short hash of each layer's selection, used at load time to detect an
             adapter loaded on other base weights. Leave it unset.
@@ -69,6 +78,10 @@ class NeuroAdaConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Modules trained in full and saved with the adapter, e.g. a new classifier head."},
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={"help": "Embedding rows to train and save with the adapter: token ids, or {module name: ids}."},
     )
     selection: str = field(
         default="magnitude",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -12,9 +14,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import quantized, sharding
-from .bypass import SparsePattern, build_pattern, choose_backend, dense_matrix, linear_with_bypass, sparse_bypass
+from .bypass import (SparsePattern, build_pattern, choose_backend, dense_matrix, keeps_columns, linear_with_bypass,
+                     sparse_bypass)
 from .config import NeuroAdaConfig
-from .selection import layer_seed, select_per_neuron
+from .selection import layer_seed, precision_fragile_rows, select_per_neuron, selection_fingerprint
+
+
+# Mixed-adapter batches: adapters that share a selection are computed together by one gather while it holds at most
+# this many entries (samples x tokens x out x k: 64 MiB in float32, as for a decoding step or a short prompt); larger
+# batches take one op call per adapter, whose fixed cost they amortise.
+_SHARED_GATHER_MAX_ENTRIES = 1 << 24
 
 
 def supports(module: nn.Module) -> bool:
@@ -42,9 +51,23 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.neuroada_indices = BufferDict(persistent=True)
         self.bypass_backend: dict[str, str] = {}
         # Original weight entries at the selected positions, kept while an adapter is merged so that unmerge
-        # restores the base weight bit for bit (subtracting delta again would not, in bf16).
-        self._merged_originals: dict[str, torch.Tensor] = {}
+        # restores the base weight bit for bit (subtracting delta again would not, in bf16). Buffers, so that
+        # .to() / .half() move and cast them with the weight; not persistent, so never saved.
+        self._merged_originals = BufferDict(persistent=False)
+        # Rows whose selection a bf16/fp16 copy of the base could break differently (ties after rounding), with
+        # their indices: what an adapter saved without indices stores so that it reloads in another precision.
+        self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._patterns: dict[str, SparsePattern] = {}
+        self._selection_keys: dict[str, tuple[SparsePattern, str]] = {}  # see _selection_key (mixed batches)
+        # Whether another adapted layer reads the same input tensor (q/k/v, gate/up): "learning" in the forwards
+        # that train the deltas, until the first backward has accumulated this layer's delta gradient
+        # (end_input_learning), then "shared" or "alone". Only a layer alone on its input keeps a gathered
+        # x[:, kept] for its backward instead of x: a partial copy beside an x kept anyway adds memory. Decided after
+        # the layer's backward, never between a forward and its backward, so that a checkpointed block recomputes
+        # what its forward saved, however many other forwards (a DPO reference, an evaluation) run in between.
+        self._input_sharing = "learning"
+        self._inputs_recorded = False
+        self._input_seen_shared = False
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -66,26 +89,59 @@ class NeuroAdaLayer(BaseTunerLayer):
     def full_weight_rows(self) -> torch.Tensor:
         """The whole base weight as ``[out_features, in_features]``, gathered first when it is sharded (a DTensor,
         as under FSDP2 / tensor parallelism, or a DeepSpeed ZeRO-3 partition), so that selection sees every input of
-        every neuron."""
+        every neuron. Without the deltas of merged adapters: selection and its checks always see the base."""
+        base = self.get_base_layer()
+        if base.weight.is_meta:
+            raise ValueError(
+                "NeuroAda selects each neuron's connections from the base weights, but this layer's weight is on the "
+                "meta device (a model built with init_empty_weights / device_map='meta' before its weights were "
+                "loaded). Load the weights first (e.g. from_pretrained without init_empty_weights, or "
+                "load_checkpoint_and_dispatch), then call get_peft_model or PeftModel.from_pretrained.")
         if self.quantization:
-            return quantized.dequantized_weight(self.get_base_layer())
-        weight = sharding.full_copy(self.get_base_layer().weight)
-        return weight.T if self.is_conv1d else weight
+            if self.merged:
+                raise ValueError("cannot select connections on a quantized layer with merged adapters: the merge "
+                                 "rounded the base weight; call unmerge_adapter() first")
+            return quantized.dequantized_weight(base)
+        weight = sharding.full_copy(base.weight)
+        rows = weight.T if self.is_conv1d else weight
+        if self.merged_adapters:
+            rows = rows.clone()
+            for name in reversed(self.merged_adapters):
+                rows.scatter_(1, self.neuroada_indices[name].long(), self._merged_originals[name].to(rows))
+        return rows
 
     def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
         k = min(config.k, self.in_features)
         rows = self.full_weight_rows()
         indices = select_per_neuron(rows, k, config.selection, seed=layer_seed(config.seed, module_name))
+        if not config.save_indices:  # computed now, while every process holds the whole weight
+            self.pinned_rows[adapter_name] = self._pinned(rows, indices, config.selection)
         if config.init_weights:
             delta = torch.zeros(self.out_features, k, dtype=torch.float32, device=rows.device)
         else:
             delta = torch.randn(self.out_features, k, dtype=torch.float32, device=rows.device) * 0.02
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
+        layer = weakref.ref(self)
+        self.neuroada_delta[adapter_name].register_post_accumulate_grad_hook(
+            lambda _: layer() is not None and layer().end_input_learning())
         sharding.register_with_zero3(self, self.neuroada_delta[adapter_name], self.get_base_layer().weight)
         self.neuroada_indices[adapter_name] = indices
         self._patterns.pop(adapter_name, None)
         self.bypass_backend[adapter_name] = config.bypass_backend
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def pinned_rows_for(self, adapter_name: str, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of ``adapter_name``'s selection that a bf16/fp16 copy of the base could break differently, and
+        their indices (on the CPU)."""
+        if adapter_name not in self.pinned_rows:
+            self.pinned_rows[adapter_name] = self._pinned(self.full_weight_rows(), self.neuroada_indices[adapter_name],
+                                                          criterion)
+        return self.pinned_rows[adapter_name]
+
+    @staticmethod
+    def _pinned(rows: torch.Tensor, indices: torch.Tensor, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
+        fragile = precision_fragile_rows(rows, indices, criterion)
+        return fragile, indices.cpu()[fragile]
 
     def pattern(self, adapter_name: str) -> SparsePattern:
         """The op's index layouts, built once per selection. Loading indices into the buffer (load_state_dict)
@@ -99,6 +155,7 @@ class NeuroAdaLayer(BaseTunerLayer):
     @staticmethod
     def _forget_patterns(module, incompatible_keys) -> None:
         module._patterns.clear()
+        module._selection_keys.clear()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter as a dense matrix shaped like the base weight (float32)."""
@@ -113,6 +170,8 @@ class NeuroAdaLayer(BaseTunerLayer):
             self._merge_quantized(adapter_names, safe_merge)
             return
         base_weight = self.get_base_layer().weight
+        if base_weight.is_meta:
+            raise ValueError("cannot merge into a weight on the meta device; load the base weights first")
         with sharding.writable_whole([base_weight, *self.neuroada_delta.values()]):
             rows = self.weight_rows()
             for name in adapter_names:
@@ -157,13 +216,67 @@ class NeuroAdaLayer(BaseTunerLayer):
             rows = self.weight_rows()
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                rows.scatter_(1, self.neuroada_indices[name].long(), self._merged_originals.pop(name))
+                original = self._merged_originals.pop(name)
+                rows.scatter_(1, self.neuroada_indices[name].long(), original.to(device=rows.device, dtype=rows.dtype))
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.neuroada_delta:
             sharding.unregister_from_zero3(self, self.neuroada_delta[adapter_name])
         super().delete_adapter(adapter_name)
         self._patterns.pop(adapter_name, None)
+        self._selection_keys.pop(adapter_name, None)
+        self.pinned_rows.pop(adapter_name, None)
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_groups(adapter_names: tuple[str, ...], device: torch.device) -> tuple[tuple[str, Any], ...]:
+    """``(name, rows)`` per distinct name, in order of first appearance; ``rows`` is a slice where the name's samples
+    are consecutive (a view of the batch, no copy), else an index tensor on ``device``. Cached, since every adapted
+    layer of a forward (and every decoding step of a generate call) asks for the same names."""
+    positions: dict[str, list[int]] = {}
+    for index, name in enumerate(adapter_names):
+        positions.setdefault(name, []).append(index)
+    groups = []
+    for name, indices in positions.items():
+        if indices[-1] - indices[0] + 1 == len(indices):
+            groups.append((name, slice(indices[0], indices[-1] + 1)))
+        else:
+            groups.append((name, torch.tensor(indices, dtype=torch.long, device=device)))
+    return tuple(groups)
+
+
+def _count(rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_rows(adapter_names: tuple[str, ...], names: tuple[str, ...], device: torch.device):
+    """For the samples of a batch whose adapter is one of ``names``: their positions in the batch (None when that is
+    the whole batch, in order) and the position of each one's adapter in ``names``."""
+    slot_of = {name: slot for slot, name in enumerate(names)}
+    rows = [index for index, name in enumerate(adapter_names) if name in slot_of]
+    slots = torch.tensor([slot_of[adapter_names[index]] for index in rows], dtype=torch.long, device=device)
+    whole = rows == list(range(len(adapter_names)))
+    return (None if whole else torch.tensor(rows, dtype=torch.long, device=device)), slots
+
+
+# id of an input tensor -> (a weak reference to it, the adapted layers that read it), while layers learn whether
+# they share their input (see NeuroAdaLayer._keeps_columns); entries go when the tensor does.
+_input_readers: dict[int, tuple[weakref.ref, list[weakref.ref]]] = {}
+
+
+def _record_reader(x: torch.Tensor, layer: NeuroAdaLayer) -> None:
+    key = id(x)
+    entry = _input_readers.get(key)
+    if entry is None or entry[0]() is not x:
+        entry = (weakref.ref(x, lambda _, key=key: _input_readers.pop(key, None)), [])
+        _input_readers[key] = entry
+    readers = entry[1]
+    readers.append(weakref.ref(layer))
+    if len(readers) > 1:
+        for reader in readers:
+            if reader() is not None:
+                reader()._input_seen_shared = True
 
 
 class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
@@ -176,45 +289,172 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half(): the cached layouts are rebuilt on the new device at the next call, and the old
+        # copies freed now rather than kept on the old device.
+        self._patterns.clear()
+        self._selection_keys.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.neuroada_delta]
-        backends = {name: self._backend_for(name, x, fusable=len(active) == 1 and not args and not kwargs)
+        return self._forward_with(x, self.active_adapters, *args, **kwargs)
+
+    def _forward_with(self, x: torch.Tensor, adapter_names, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer plus the bypasses of ``adapter_names`` (those this layer holds) on the whole batch."""
+        active = [name for name in adapter_names if name in self.neuroada_delta]
+        fusable = len(active) == 1 and not args and not kwargs and self._fusable(x)
+        backends = {name: choose_backend(self.bypass_backend[name], x, self.neuroada_delta[name].shape[1], fusable)
                     for name in active}
+        keep_columns = len(active) == 1 and self._keeps_columns(x, active[0])
         if len(active) == 1 and backends[active[0]] == "fused":
             base = self.get_base_layer()
             weight_rows = base.weight.T if self.is_conv1d else base.weight
-            return linear_with_bypass(x, weight_rows, base.bias, self.neuroada_delta[active[0]], self.pattern(active[0]))
+            return linear_with_bypass(x, weight_rows, base.bias, self.neuroada_delta[active[0]], self.pattern(active[0]),
+                                      keep_columns)
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
-            bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), backends[name])
+            bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), backends[name], keep_columns)
             result = result + bypass.to(result.dtype)
         return result
 
-    def _backend_for(self, adapter_name: str, x: torch.Tensor, fusable: bool) -> str:
-        """The configured backend, or for "auto" the cheapest one that is exact for this call. The fused path
-        replaces the base layer's own forward, so it needs a plain float32 frozen weight, no hooks on the base
-        layer and no autocast (which would run the base matmul in low precision)."""
-        backend = self.bypass_backend[adapter_name]
+    # ------------------------------------------------------------------ mixed-adapter batches (PEFT's adapter_names)
+
+    def _check_forward_args(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Refuse ``adapter_names`` that cannot be honoured, with the messages of PEFT's LoRA layers."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            # a merged adapter is in W for every sample; the per-sample choice could not take it out
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        """Sample ``n`` of the batch gets the bypass of ``adapter_names[n]`` ("__base__", or an adapter this layer
+        does not hold: none). The base layer runs once on the whole batch; each adapter's bypass runs on its own
+        samples only and is added into theirs, so the cost is the base plus O(tokens * out * k) per adapter."""
+        groups = _sample_groups(tuple(adapter_names), x.device)
+        if len(groups) == 1:  # one name for the whole batch: the ordinary path (the fused layer where it applies)
+            return self._forward_with(x, [groups[0][0]], *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        tokens_per_sample = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
+        by_selection: dict[str, list[tuple[str, Any]]] = {}
+        for name, rows in groups:
+            if name in self.neuroada_delta:
+                by_selection.setdefault(self._selection_key(name), []).append((name, rows))
+        for members in by_selection.values():
+            samples = sum(_count(rows) for _, rows in members)
+            entries = samples * tokens_per_sample * self.neuroada_delta[members[0][0]].numel()
+            if len(members) > 1 and entries <= _SHARED_GATHER_MAX_ENTRIES:
+                self._add_shared_selection(result, x, adapter_names, [name for name, _ in members])
+                continue
+            for name, rows in members:
+                delta = self.neuroada_delta[name]
+                part = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+                # the fused backend replaces the whole layer, which the batch shares here: the rule picks another
+                backend = choose_backend(self.bypass_backend[name], part, delta.shape[1], fusable=False)
+                bypass = sparse_bypass(part, delta, self.pattern(name), backend).to(result.dtype)
+                if isinstance(rows, slice):
+                    result[rows] += bypass
+                else:
+                    result.index_add_(0, rows, bypass)
+        return result
+
+    def _add_shared_selection(self, result: torch.Tensor, x: torch.Tensor, adapter_names, names: list[str]) -> None:
+        """The bypasses of adapters that select the same connections in this layer (same k and criterion on the same
+        base: the usual case), for all their samples at once: one gather of the selected inputs, times each sample's
+        own deltas. A handful of ops whatever the number of adapters, where one op call per adapter costs a fixed
+        overhead each (most of the time of a decoding step over many adapters)."""
+        rows, slots = _shared_rows(tuple(adapter_names), tuple(names), x.device)
+        part = x if rows is None else x.index_select(0, rows)
+        columns = self.pattern(names[0]).columns
+        out_features, k = columns.shape
+        deltas = torch.stack([self.neuroada_delta[name] for name in names]).float().index_select(0, slots)
+        gathered = part.index_select(-1, columns.reshape(-1)).reshape(*part.shape[:-1], out_features, k)
+        deltas = deltas.reshape(len(slots), *[1] * (part.dim() - 2), out_features, k)
+        bypass = (gathered.float() * deltas).sum(-1).to(result.dtype)
+        if rows is None:
+            result += bypass
+        else:
+            result.index_add_(0, rows, bypass)
+
+    def _selection_key(self, name: str) -> str:
+        """Equal for the adapters of this layer whose selections are equal. Kept with the index layouts it was
+        computed from, so that it is computed again whenever they are (new indices, another device)."""
+        pattern = self.pattern(name)
+        cached = self._selection_keys.get(name)
+        if cached is not None and cached[0] is pattern:
+            return cached[1]
+        key = selection_fingerprint(pattern.columns)
+        for other, (other_pattern, other_key) in self._selection_keys.items():
+            if other != name and other_key == key and not torch.equal(other_pattern.columns, pattern.columns):
+                key = f"{key}:{name}"  # a hash collision: keep this selection apart
+                break
+        self._selection_keys[name] = (pattern, key)
+        return key
+
+    def _keeps_columns(self, x: torch.Tensor, adapter_name: str) -> bool:
+        """Whether the op keeps only ``x[:, kept]`` for the backward instead of x: when the deltas train, nothing
+        else keeps x (the base is a plain frozen layer, which saves no input, and no other adapted layer reads the
+        same tensor), and the selection reads few enough input positions."""
+        if not (torch.is_grad_enabled() and self.neuroada_delta[adapter_name].requires_grad):
+            return False
+        if torch.compiler.is_compiling():
+            return False  # the sharing bookkeeping below is Python state a compiled graph must not depend on
+        if self._input_sharing == "learning":
+            _record_reader(x, self)
+            self._inputs_recorded = True
+            return False
         base = self.get_base_layer()
-        fusable = (
-            fusable
+        return (
+            self._input_sharing == "alone"
+            and type(base).forward is (Conv1D.forward if self.is_conv1d else nn.Linear.forward)
+            and not base.weight.requires_grad
+            and not self.quantization
+            and keeps_columns(self.pattern(adapter_name))
+        )
+
+    def end_input_learning(self) -> None:
+        """Decide whether this layer shares its input with another adapted layer, from the training forwards seen
+        so far (every reader of their inputs has run by now). Called when a backward has accumulated the delta's
+        gradient: after every recomputation of this layer in that backward."""
+        if self._input_sharing == "learning" and self._inputs_recorded:
+            self._input_sharing = "shared" if self._input_seen_shared else "alone"
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether the fused path computes exactly what calling the base layer would: its forward is nn.Linear's
+        or Conv1D's own (not a subclass's), nothing hooks it (its own or global hooks), and its weight is a plain
+        frozen float32 tensor outside autocast (which would run the base matmul in low precision)."""
+        base = self.get_base_layer()
+        plain_forward = Conv1D.forward if self.is_conv1d else nn.Linear.forward
+        hooks = nn.modules.module
+        return (
+            type(base).forward is plain_forward
+            and type(base).__call__ is nn.Module.__call__
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
             and base.weight.dtype == torch.float32
             and not base.weight.requires_grad
-            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not self.quantization
             and not sharding.is_zero3_partitioned(base.weight)
             and not torch.is_autocast_enabled(x.device.type)
         )
-        if backend == "auto" or (backend == "fused" and not fusable):  # "fused" where it applies, else the best other
-            tokens = x.numel() // max(x.shape[-1], 1)
-            k = self.neuroada_delta[adapter_name].shape[1]
-            return choose_backend(tokens, self.in_features, k, x.device, fusable)
-        return backend
 
     def __repr__(self) -> str:
         return "neuroada." + super().__repr__()

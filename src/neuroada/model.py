@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, onload_layer
 from peft.utils import _get_submodules
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .bypass import check_indices
 from .layer import NeuroAdaLayer, NeuroAdaLinear, supports
-from .selection import selection_fingerprint
+from .selection import is_top_k_selection, selection_fingerprint
 
 _PEFT_MODEL_PREFIX = "base_model.model."
+# Keys of an adapter saved without indices: the rows whose indices are stored anyway (see precision_fragile_rows).
+_PINNED_ROWS = "neuroada_pinned_rows"
+_PINNED_INDICES = "neuroada_pinned_indices"
 
 
 class AdapterLoadError(ValueError):
@@ -42,15 +49,12 @@ class NeuroAdaModel(BaseTuner):
         # Kept until the adapter's weights are loaded, so that a failed load can restore trainability too.
         self._requires_grad_before_injection = {param: param.requires_grad for param in model.parameters()}
         self._capped_layers: list[str] = []
-        self._fingerprint_mismatches: list[str] = []
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
-            if self._fingerprint_mismatches:
-                raise AdapterLoadError(_fingerprint_message(self._fingerprint_mismatches, adapter_name))
         except BaseException:
-            self._remove_adapter_from_layers(adapter_name)
-            self._restore_requires_grad()
+            self._undo_adapter(adapter_name)
             raise
+
         if self._capped_layers:
             warnings.warn(
                 f"NeuroAda k={self.peft_config[adapter_name].k} is larger than the input size of "
@@ -75,50 +79,121 @@ class NeuroAdaModel(BaseTuner):
             self._replace_module(parent, target_name, layer, target)
         if config.k > layer.in_features:
             self._capped_layers.append(current_key)
-        # Without stored indices the recomputed selection must be the training-time one; with stored indices the
-        # check happens at load time, against the indices in the file.
-        expected = (config.selection_fingerprints or {}).get(current_key)
-        if not config.save_indices and expected is not None:
-            if expected != selection_fingerprint(layer.neuroada_indices[adapter_name]):
-                self._fingerprint_mismatches.append(current_key)
 
-    def _remove_adapter_from_layers(self, adapter_name: str) -> None:
+    def _undo_adapter(self, adapter_name: str) -> None:
+        """Take back everything that injecting ``adapter_name`` did, so that a failed injection or load leaves the
+        model as it was: its NeuroAda layers (the base layer back where it was the only adapter), its
+        modules_to_save copies (the original module back where it was the only one), its config entry and the
+        trainability of every parameter."""
         for key, module in list(self.model.named_modules()):
-            if not isinstance(module, NeuroAdaLayer) or adapter_name not in module.neuroada_delta:
-                continue
-            if set(module.neuroada_delta.keys()) == {adapter_name}:
-                parent, _, child_name = _get_submodules(self.model, key)
-                setattr(parent, child_name, module.get_base_layer())
+            if isinstance(module, NeuroAdaLayer) and adapter_name in module.neuroada_delta:
+                only = set(module.neuroada_delta.keys()) == {adapter_name}
+                original = module.get_base_layer() if only else None
+            elif isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in module._adapters:
+                only = module._adapters == {adapter_name}
+                original = module.original_module if only else None
             else:
+                continue
+            if only:
+                parent, _, child_name = _get_submodules(self.model, key)
+                setattr(parent, child_name, original)
+            elif isinstance(module, NeuroAdaLayer):
                 module.delete_adapter(adapter_name)
+            else:
+                module.delete_adapter(adapter_name, [a for a in module.active_adapters if a != adapter_name])
+        self.peft_config.pop(adapter_name, None)
+        if not self.peft_config and hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        self._restore_requires_grad()
 
     def _restore_requires_grad(self) -> None:
         for param, flag in getattr(self, "_requires_grad_before_injection", {}).items():
             param.requires_grad_(flag)
 
+    # ------------------------------------------------------------------ mixed-adapter batches
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """``model(..., adapter_names=[...])`` / ``generate(..., adapter_names=[...])``: one adapter name per sample
+        ("__base__" for the base model), handed to every NeuroAda layer (and modules_to_save copy) by a forward
+        pre-hook, as PEFT does for LoRA, with LoRA's checks and messages. PeftModel calls this around its forward
+        and generate."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        # Checked here, not per layer: a layer need not hold every adapter, but a typo must not pass silently.
+        known = set().union(*(layer.neuroada_delta.keys() for layer in self._layers()))
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        per_input = list(adapter_names)
+        if isinstance(num_beams, int) and num_beams > 1:
+            if not isinstance(adapter_names, (list, tuple)):
+                raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+            # beam search repeats each input num_beams times (the encoder of an encoder-decoder model excepted)
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = []
+        try:
+            for module in self.modules():
+                if isinstance(module, (NeuroAdaLayer, AuxiliaryTrainingWrapper)):
+                    hook = partial(_inject_adapter_names, adapter_names=adapter_names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            encoder = _encoder_of(self.model)
+            if encoder is not None and len(adapter_names) != len(per_input):
+                for module in encoder.modules():  # registered last, so it overrides the repeated names
+                    if isinstance(module, (NeuroAdaLayer, AuxiliaryTrainingWrapper)):
+                        hook = partial(_inject_adapter_names, adapter_names=per_input)
+                        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     # ------------------------------------------------------------------ merge
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         names = adapter_names if adapter_names is not None else self.active_adapters
-        layers = self._layers()
+        layers, offloaded = self._layers_and_offload()
         if layers and all(set(names) <= set(layer.merged_adapters) for layer in layers):
             warnings.warn(
                 f"NeuroAda adapter(s) {names} are already merged into every adapted layer; merging again would add "
                 "the deltas twice, so nothing was done. Call unmerge_adapter() first to merge again."
             )
             return
+        self._check_merge_allowed()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already following adapters were merged")
-            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+            for layer in layers:
+                with onload_layer(layer) if offloaded else nullcontext():
+                    layer.merge(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        if not any(layer.merged for layer in self._layers()):
+        layers, offloaded = self._layers_and_offload()
+        if not any(layer.merged for layer in layers):
             warnings.warn("No NeuroAda adapter is merged, so there is nothing to unmerge; the model is unchanged.")
             return
-        super().unmerge_adapter()
+        for layer in layers:
+            if layer.merged:
+                with onload_layer(layer) if offloaded else nullcontext():
+                    layer.unmerge()
 
     def _layers(self) -> list[NeuroAdaLayer]:
         return [module for module in self.model.modules() if isinstance(module, NeuroAdaLayer)]
+
+    def _layers_and_offload(self) -> tuple[list[NeuroAdaLayer], bool]:
+        """The NeuroAda layers, and whether any module carries an accelerate hook (an offloaded model). PEFT's own
+        merge loop walks every layer's submodules for offloaded ones (onload_layer), which took more time than the
+        merge itself when switching a k=1 adapter; here that walk happens only where accelerate hooks exist."""
+        layers, offloaded = [], False
+        for module in self.model.modules():
+            offloaded = offloaded or "_hf_hook" in vars(module)  # set as a plain attribute by accelerate
+            if isinstance(module, NeuroAdaLayer):
+                layers.append(module)
+        return layers, offloaded
 
     # ------------------------------------------------------------------ save / load
 
@@ -145,7 +220,13 @@ class NeuroAdaModel(BaseTuner):
             if not torch.isfinite(value).all():
                 raise ValueError(f"adapter {adapter_name!r}: layer {layer_name!r} holds NaN/inf deltas; nothing was saved")
         if not config.save_indices:
-            selected = {key: value for key, value in selected.items() if ".neuroada_indices." not in key}
+            selected = {key: value for key, value in selected.items() if ".neuroada_indices" not in key}
+            # The rows a bf16/fp16 copy of the base could select differently, with their indices, so that the
+            # adapter reloads on the same weights in another precision (usually a small share of the rows).
+            for name, layer in layers.items():
+                rows, indices = layer.pinned_rows_for(adapter_name, config.selection)
+                selected[f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_ROWS}"] = rows.to(torch.int32).contiguous()
+                selected[f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_INDICES}"] = indices.contiguous()
         return selected
 
     @classmethod
@@ -156,17 +237,19 @@ class NeuroAdaModel(BaseTuner):
         except AdapterLoadError:
             tuner = getattr(model, "base_model", None)
             if isinstance(tuner, NeuroAdaModel):
-                tuner._forget_adapter(adapter_name)
+                tuner._undo_adapter(adapter_name)
             raise
 
-    def _forget_adapter(self, adapter_name: str) -> None:
-        """Undo an adapter that failed to load: its layers, its modules_to_save copies and its config entry."""
-        if len(self.peft_config) <= 1:
-            self._unload_and_optionally_merge(merge=False)
-            self.peft_config.pop(adapter_name, None)
-        else:
-            self.delete_adapter(adapter_name)
-        self._restore_requires_grad()
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _encoder_of(model: nn.Module) -> Optional[nn.Module]:
+    """The encoder of an encoder-decoder model, else None (transformers v5 returns the model itself)."""
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+    return None if encoder is model else encoder
 
 
 def _named_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLayer]:
@@ -183,10 +266,12 @@ def _validated_for_load(model, config, adapter_name, state_dict):
     prefix = _PEFT_MODEL_PREFIX if any(k.startswith(_PEFT_MODEL_PREFIX) for k in model.state_dict()) else ""
     state_dict = dict(state_dict)
     layers = _named_layers(model, adapter_name)
-    mismatched_base = []
+    other_base, fingerprint_mismatches = [], []
     for name, layer in layers.items():
         delta_key = f"{prefix}{name}.neuroada_delta.{adapter_name}"
         indices_key = f"{prefix}{name}.neuroada_indices.{adapter_name}"
+        pinned = (state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_ROWS}", None),
+                  state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_INDICES}", None))
         expected_shape = tuple(layer.neuroada_delta[adapter_name].shape)
         if delta_key not in state_dict:
             raise AdapterLoadError(
@@ -200,8 +285,14 @@ def _validated_for_load(model, config, adapter_name, state_dict):
                 "with other shapes. Load it on the base model it was trained on."
             )
         live_indices = layer.neuroada_indices[adapter_name]
+        recorded = (config.selection_fingerprints or {}).get(name)
         if not config.save_indices:
-            state_dict[indices_key] = live_indices  # recomputed at injection and checked against the fingerprint
+            # recomputed from this base at injection; the rows that rounding could have broken differently come
+            # from the file
+            indices = _with_pinned_rows(live_indices, *pinned, name)
+            if recorded is not None and recorded != selection_fingerprint(indices):
+                fingerprint_mismatches.append(name)
+            state_dict[indices_key] = indices
             continue
         if indices_key not in state_dict:
             raise AdapterLoadError(
@@ -214,21 +305,24 @@ def _validated_for_load(model, config, adapter_name, state_dict):
                 f"layer {name!r}: stored indices have shape {tuple(indices.shape)} and dtype {indices.dtype}, "
                 f"expected integer indices of shape {expected_shape}; the file is damaged or from another model."
             )
-        wide = indices.long()
-        if wide.numel() and (wide.min() < 0 or wide.max() >= layer.in_features):
-            raise AdapterLoadError(
-                f"layer {name!r}: stored indices fall outside 0..{layer.in_features - 1}; the file is damaged or "
-                "was saved from a base with wider layers."
-            )
-        recorded = (config.selection_fingerprints or {}).get(name)
+        try:
+            check_indices(indices, layer.in_features)
+        except ValueError as error:
+            raise AdapterLoadError(f"layer {name!r}: the stored {error}; the file is damaged or was saved from a "
+                                   "base with other layers.") from None
         if recorded is not None and recorded != selection_fingerprint(indices):
             raise AdapterLoadError(
                 f"layer {name!r}: the stored indices do not match the fingerprint in adapter_config.json; the two "
                 "files come from different saves or the weights file is damaged. Save the adapter again."
             )
-        if not torch.equal(wide, live_indices.long()):
-            mismatched_base.append(name)
+        # Equal to this base's own selection, or a top-k of it up to ties (the same weights in another precision):
+        # this is the base. Otherwise the stored indices still apply, but the user should know.
+        if not torch.equal(indices.long(), live_indices.long()) and not is_top_k_selection(
+                layer.full_weight_rows(), indices, config.selection):
+            other_base.append(name)
         state_dict[indices_key] = indices.to(live_indices.dtype)
+    if fingerprint_mismatches:
+        raise AdapterLoadError(_fingerprint_message(fingerprint_mismatches, adapter_name))
     known = {f"{prefix}{name}.neuroada_{kind}.{adapter_name}" for name in layers for kind in ("delta", "indices")}
     unknown = sorted(k for k in state_dict if ".neuroada_" in k and k not in known)
     if unknown:
@@ -236,13 +330,26 @@ def _validated_for_load(model, config, adapter_name, state_dict):
             f"the adapter file holds NeuroAda weights for modules this model does not adapt (e.g. {unknown[0]!r}); "
             "it was saved from a different model. Load it on the base model it was trained on."
         )
-    if mismatched_base:
+    if other_base:
         warnings.warn(
-            f"adapter {adapter_name!r}: on {len(mismatched_base)} layer(s) (e.g. {mismatched_base[0]!r}) this base "
-            "model's weights select other connections than the stored indices, so it is not the base the adapter "
+            f"adapter {adapter_name!r}: on {len(other_base)} layer(s) (e.g. {other_base[0]!r}) the stored indices are "
+            "not the largest-magnitude connections of this base model's weights, so it is not the base the adapter "
             "was trained on. The stored indices are used; check that this is the base you meant."
         )
     return state_dict
+
+
+def _with_pinned_rows(indices: torch.Tensor, rows, pinned_indices, layer_name: str) -> torch.Tensor:
+    if rows is None:  # saved before pinned rows existed, or with nothing to pin
+        return indices
+    rows = rows.long()
+    if (pinned_indices is None or pinned_indices.shape != (rows.numel(), indices.shape[1])
+            or (rows.numel() and (rows.min() < 0 or rows.max() >= indices.shape[0]))):
+        raise AdapterLoadError(f"layer {layer_name!r}: the stored pinned rows do not fit this layer; the file is "
+                               "damaged or from another model.")
+    indices = indices.clone()
+    indices[rows.to(indices.device)] = pinned_indices.to(device=indices.device, dtype=indices.dtype)
+    return indices
 
 
 def _fingerprint_message(modules: list[str], adapter_name: str) -> str:

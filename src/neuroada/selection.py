@@ -77,12 +77,64 @@ def _top_k_rows(scores: torch.Tensor, k: int, largest: bool, use_abs: bool = Fal
     rows_per_chunk = max(1, _SELECTION_CHUNK_ELEMENTS // scores.shape[1])
     chunks = []
     for start in range(0, scores.shape[0], rows_per_chunk):
-        block = scores[start : start + rows_per_chunk].float()
+        block = _exact_scores(scores[start : start + rows_per_chunk])
         if use_abs:
             block = block.abs()
         order = torch.sort(block, dim=1, descending=largest, stable=True).indices
         chunks.append(order[:, :k])
     return torch.cat(chunks)
+
+
+def _exact_scores(block: torch.Tensor) -> torch.Tensor:
+    """``block`` in a dtype that holds its values exactly and sorts fast: float32 for 16-bit weights, float64 kept."""
+    return block.to(torch.promote_types(block.dtype, torch.float32))
+
+
+def _boundary(weight: torch.Tensor, indices: torch.Tensor, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the weakest chosen and the strongest unchosen ``|W|``, as "larger is stronger" scores (negated for
+    ``"smallest"``). A row whose selection takes every input gets ``-inf`` as its strongest unchosen score."""
+    sign = 1.0 if criterion == "magnitude" else -1.0
+    weakest_chosen, strongest_unchosen = [], []
+    columns = indices.long()
+    rows_per_chunk = max(1, _SELECTION_CHUNK_ELEMENTS // max(weight.shape[1], 1))
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        scores = _exact_scores(weight[start : start + rows_per_chunk]).abs() * sign
+        chosen = columns[start : start + rows_per_chunk].to(scores.device)
+        weakest_chosen.append(scores.gather(1, chosen).min(1).values)
+        strongest_unchosen.append(scores.scatter(1, chosen, float("-inf")).max(1).values)
+    return torch.cat(weakest_chosen), torch.cat(strongest_unchosen)
+
+
+def is_top_k_selection(weight: torch.Tensor, indices: torch.Tensor, criterion: str) -> bool:
+    """Whether ``indices`` is a top-k selection of ``weight`` by ``criterion`` up to ties: in every row each chosen
+    ``|W|`` is at least (for ``"smallest"``: at most) each unchosen one, compared in the weight's own dtype. So the
+    same weights stored in another precision pass, where exact ties may have been broken another way; another base
+    does not. ``"random"`` selections do not depend on the weights, so this is False for them: compare the
+    selections themselves."""
+    if criterion == "random":
+        return False
+    weakest_chosen, strongest_unchosen = _boundary(weight, indices, criterion)
+    return bool((weakest_chosen >= strongest_unchosen).all())
+
+
+# The precisions a base is commonly loaded in besides the one an adapter was trained on.
+_LOAD_PRECISIONS = (torch.bfloat16, torch.float16)
+
+
+def precision_fragile_rows(weight: torch.Tensor, indices: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Rows whose selection recomputed on a bfloat16 or float16 copy of ``weight`` could differ from ``indices``:
+    rounding can turn the gap between the weakest chosen and the strongest unchosen weight into a tie (or an exact
+    tie exists already). An adapter saved without indices stores these rows' indices, so that it reloads on the same
+    base in another precision. Returns a 1-D int64 tensor of row numbers (on the CPU)."""
+    if criterion == "random" or indices.shape[1] == weight.shape[1]:
+        return torch.zeros(0, dtype=torch.long)
+    weakest_chosen, strongest_unchosen = _boundary(weight, indices, criterion)
+    fragile = torch.zeros_like(weakest_chosen, dtype=torch.bool)
+    for dtype in _LOAD_PRECISIONS:
+        # rounding is monotone and symmetric, so rounding the two boundary values tells what rounding every
+        # weight would do to the order between the chosen and the unchosen ones
+        fragile |= weakest_chosen.to(dtype) <= strongest_unchosen.to(dtype)
+    return fragile.nonzero().flatten().cpu()
 
 
 def layer_seed(seed: int, module_name: str) -> int:

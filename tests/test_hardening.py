@@ -1,0 +1,314 @@
+"""Defects found by an outside review (issue 10), one test each; every one of them failed on the code before the fix."""
+
+import warnings
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.utils import ModulesToSaveWrapper
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import neuroada.bypass as bypass
+from neuroada import AdapterLoadError, NeuroAdaConfig, NeuroAdaLayer, build_pattern, select_per_neuron
+from neuroada.selection import selection_fingerprint
+from conftest import tiny_llama
+
+
+def neuroada_layers(model):
+    return [m for m in model.modules() if isinstance(m, NeuroAdaLayer)]
+
+
+def randomize_deltas(model, scale=0.5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for layer in neuroada_layers(model):
+        for delta in layer.neuroada_delta.values():
+            delta.data = torch.randn(delta.shape, generator=generator) * scale
+
+
+def module_tree(model):
+    return [(name, type(module).__name__) for name, module in model.named_modules()]
+
+
+# ------------------------------------------------------------------ 1. the fused path and a subclass's own forward
+
+
+class Scaled(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class ScaledConv1D(Conv1D):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize("base_cls", [Scaled, ScaledConv1D])
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_fused_path_never_replaces_a_subclass_forward(base_cls, backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(base_cls(32, 32))
+    m = get_peft_model(model, NeuroAdaConfig(k=2, target_modules=["0"], bypass_backend=backend))
+    x = torch.randn(600, 32)  # above the fused path's token threshold
+    with torch.no_grad():
+        with m.disable_adapter():
+            reference = m(x)
+        torch.testing.assert_close(m(x), reference, atol=0, rtol=0)  # zero deltas: exactly the base model
+        randomize_deltas(m)
+        layer = neuroada_layers(m)[0]
+        bypass_out = bypass.sparse_bypass_reference(x, layer.neuroada_delta["default"],
+                                                    layer.neuroada_indices["default"])
+        torch.testing.assert_close(m(x), reference + bypass_out, atol=1e-4, rtol=1e-5)
+
+
+def test_fused_path_respects_global_forward_hooks():
+    torch.manual_seed(0)
+    m = get_peft_model(nn.Sequential(nn.Linear(32, 32)), NeuroAdaConfig(k=2, target_modules=["0"]))
+    x = torch.randn(600, 32)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 2 if isinstance(module, nn.Linear) else out)
+    try:
+        with torch.no_grad():
+            with m.disable_adapter():
+                reference = m(x)
+            torch.testing.assert_close(m(x), reference, atol=0, rtol=0)
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------ 2. unmerge after a dtype or device move
+
+
+@pytest.mark.parametrize("move", ["half", "bfloat16", "to_float64"])
+def test_unmerge_after_a_dtype_move_restores_the_moved_base(move, tokens):
+    base_logits_model = tiny_llama()
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+    randomize_deltas(model, scale=0.3)
+    model.merge_adapter()
+    cast = {"half": lambda m: m.half(), "bfloat16": lambda m: m.to(torch.bfloat16),
+            "to_float64": lambda m: m.to(torch.float64)}[move]
+    model = cast(model)
+    base_logits_model = cast(base_logits_model)
+    with torch.no_grad(), model.disable_adapter():
+        got = model(tokens).logits
+    expected = base_logits_model(tokens).logits
+    assert torch.equal(got, expected)
+    for layer in neuroada_layers(model):
+        assert not layer.merged
+
+
+def test_merged_originals_follow_the_module_and_are_not_saved(tmp_path):
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+    randomize_deltas(model)
+    model.merge_adapter()
+    model = model.to(torch.bfloat16)
+    layer = neuroada_layers(model)[0]
+    assert all(t.dtype == torch.bfloat16 for t in layer._merged_originals.values())
+    assert not any("merged_originals" in key for key in model.state_dict())
+
+
+# ------------------------------------------------------------------ 3. a failed load leaves nothing behind
+
+
+def test_refused_load_with_modules_to_save_leaves_the_model_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    config = NeuroAdaConfig(k=2, target_modules=["0"], modules_to_save=["2"], save_indices=False)
+    get_peft_model(trained, config).save_pretrained(tmp_path)
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    tree = module_tree(other)
+    names = [name for name, _ in other.named_parameters()]
+    with pytest.raises(AdapterLoadError, match="selection recomputed"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert not isinstance(other[2], ModulesToSaveWrapper)
+    assert module_tree(other) == tree
+    assert [name for name, _ in other.named_parameters()] == names
+    assert not hasattr(other, "peft_config")
+
+
+def test_refused_second_adapter_with_modules_to_save_leaves_no_trace(tmp_path):
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    get_peft_model(source, NeuroAdaConfig(k=2, target_modules=["0"], modules_to_save=["2"],
+                                          save_indices=False)).save_pretrained(tmp_path / "second")
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = get_peft_model(other, NeuroAdaConfig(k=1, target_modules=["0"], modules_to_save=["2"]))
+    tree = module_tree(model)
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(AdapterLoadError):
+        model.load_adapter(tmp_path / "second", adapter_name="second")
+    assert module_tree(model) == tree
+    assert set(model.peft_config) == {"default"}
+    assert model.state_dict().keys() == state.keys()
+    assert "second" not in model.base_model.model[2].modules_to_save
+
+
+# ------------------------------------------------------------------ 4. adapters are not tied to the base's dtype
+
+
+def tie_prone_model():
+    """A tiny Llama whose weights have near-ties that bf16 rounding turns into exact ties."""
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                steps = torch.randint(-40, 40, module.weight.shape, generator=generator).float()
+                module.weight.copy_(steps / 32 + torch.randn(module.weight.shape, generator=generator) * 1e-4)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("save_indices", [True, False])
+def test_adapter_trained_in_fp32_loads_on_the_same_base_in_lower_precision(tmp_path, tokens, dtype, save_indices):
+    model = get_peft_model(tie_prone_model(), NeuroAdaConfig(k=3, save_indices=save_indices))
+    randomize_deltas(model)
+    # the premise: in this precision the base's own selection differs from the fp32 one on some layers
+    assert any(not torch.equal(select_per_neuron(layer.full_weight_rows().to(dtype), 3),
+                               layer.neuroada_indices["default"]) for layer in neuroada_layers(model))
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(tie_prone_model().to(dtype), tmp_path)
+    assert not [w for w in caught if "not the base" in str(w.message)]  # no false alarm
+    for original, restored in zip(neuroada_layers(model), neuroada_layers(loaded)):
+        assert torch.equal(original.neuroada_indices["default"], restored.neuroada_indices["default"])
+        assert torch.equal(original.neuroada_delta["default"], restored.neuroada_delta["default"])
+
+
+def test_adapter_without_indices_on_another_base_is_still_refused(tmp_path):
+    get_peft_model(tie_prone_model(), NeuroAdaConfig(k=3, save_indices=False)).save_pretrained(tmp_path)
+    other = tiny_llama(seed=4).to(torch.bfloat16)
+    with pytest.raises(AdapterLoadError, match="selection recomputed"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_float64_weights_are_ranked_in_float64():
+    weight = torch.tensor([[1.0, 1.0 + 1e-12]], dtype=torch.float64)
+    assert select_per_neuron(weight, 1).tolist() == [[1]]
+    assert select_per_neuron(weight, 1, "smallest").tolist() == [[0]]
+
+
+# ------------------------------------------------------------------ 5. a speed setting does not bind an adapter
+
+
+def test_adapter_saved_with_the_triton_backend_loads_and_runs_where_triton_cannot(tmp_path, tokens, monkeypatch):
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2, bypass_backend="triton"))
+    randomize_deltas(model)
+    model.save_pretrained(tmp_path)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # this machine cannot run Triton now
+    monkeypatch.setattr(bypass, "_warned", set())
+    reference = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2, bypass_backend="gather"))
+    for a, b in zip(neuroada_layers(model), neuroada_layers(reference)):
+        b.neuroada_delta["default"].data.copy_(a.neuroada_delta["default"])
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with pytest.warns(UserWarning, match="triton") as record:
+        got = loaded(tokens).logits
+    assert len([w for w in record if "triton" in str(w.message)]) == 1  # one warning, not one per layer
+    torch.testing.assert_close(got, reference(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ 6. selection always sees the base weight
+
+
+def test_adapter_added_while_another_is_merged_selects_on_the_base(tmp_path, tokens):
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+    randomize_deltas(model, scale=5.0)  # large enough to change which connections are largest
+    model.merge_adapter()
+    model.add_adapter("q", NeuroAdaConfig(k=2))
+    clean = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+    for merged_layer, clean_layer in zip(neuroada_layers(model), neuroada_layers(clean)):
+        assert torch.equal(merged_layer.neuroada_indices["q"], clean_layer.neuroada_indices["default"])
+
+
+# ------------------------------------------------------------------ 7. duplicate indices are refused
+
+
+def test_build_pattern_refuses_duplicate_positions():
+    with pytest.raises(ValueError, match="repeat"):
+        build_pattern(torch.tensor([[1, 1], [0, 2]]), 8)
+
+
+def test_loading_an_adapter_with_repeated_positions_is_refused(tmp_path):
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith("neuroada_indices"))
+    tensors[key][0, 1] = tensors[key][0, 0]
+    save_file(tensors, file)
+    other = tiny_llama()
+    tree = module_tree(other)
+    with pytest.raises(AdapterLoadError, match="repeat"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert module_tree(other) == tree
+
+
+# ------------------------------------------------------------------ 8. PEFT sees the method's name
+
+
+def test_peft_introspection_reports_neuroada(tmp_path):
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=1))
+    assert model.get_model_status().peft_types == {"default": "NEUROADA"}
+    assert str(model.peft_config["default"].peft_type).partition(".")[-1] == "NEUROADA"
+    model.save_pretrained(tmp_path)
+    assert PeftConfig.from_pretrained(tmp_path).peft_type == "NEUROADA"
+    assert '"peft_type": "NEUROADA"' in (tmp_path / "adapter_config.json").read_text()
+
+
+# ------------------------------------------------------------------ the rest of the issue
+
+
+def test_meta_device_base_is_refused_with_the_fix():
+    with torch.device("meta"):
+        model = tiny_llama()
+    tree = module_tree(model)
+    with pytest.raises(ValueError, match="meta device"):
+        get_peft_model(model, NeuroAdaConfig(k=1))
+    assert module_tree(model) == tree
+
+
+def test_importing_neuroada_installs_no_global_warning_filter_and_needs_no_cli_packages():
+    import subprocess
+    import sys
+
+    # (PEFT itself may import bitsandbytes and yaml; what counts is what importing neuroada adds)
+    script = ("import sys, warnings; import torch, peft, transformers; before = list(warnings.filters); "
+              "modules = set(sys.modules); import neuroada; "
+              "assert warnings.filters == before, [f for f in warnings.filters if f not in before]; "
+              "added = {'datasets', 'matplotlib', 'yaml', 'bitsandbytes', 'deepspeed'} & (set(sys.modules) - modules); "
+              "assert not added, added")
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_library_requirements_leave_the_command_line_packages_to_its_extra():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("<")[0].split("=")[0].strip() for d in project["dependencies"]}
+    assert names == {"torch", "transformers", "peft", "safetensors", "accelerate"}
+    assert {"datasets", "matplotlib", "pyyaml"} <= {d.split(">")[0] for d in project["optional-dependencies"]["cli"]}
+
+
+def test_index_layouts_are_int32_and_dropped_on_a_device_move():
+    layer = get_peft_model(nn.Sequential(nn.Linear(300, 40)), NeuroAdaConfig(k=3, target_modules=["0"]))
+    layer = neuroada_layers(layer)[0]
+    pattern = layer.pattern("default")
+    assert all(t.dtype == torch.int32 for t in pattern[:5])
+    layer.to(torch.float64)
+    assert layer._patterns == {}
+
+
+def test_backend_is_decided_by_one_rule():
+    cpu = torch.device("cpu")
+    x_big, x_small = torch.empty(600, 64), torch.empty(8, 64)
+    assert bypass.choose_backend("auto", x_big, k=1, fusable=True) == "fused"
+    assert bypass.choose_backend("auto", x_small, k=1, fusable=True) == "gather"
+    assert bypass.choose_backend("auto", x_big, k=8, fusable=False) == "dense"
+    assert bypass.choose_backend("fused", x_big, k=1, fusable=False) == "gather"
+    assert bypass.choose_backend("dense", x_small, k=1, fusable=True) == "dense"
+    assert x_big.device == cpu
