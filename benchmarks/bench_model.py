@@ -126,16 +126,11 @@ def parse_shape(shape: str) -> tuple[int, int, bool]:
     return batch, seq, flag == "gc"
 
 
-def run_one(method: str, shape: str, steps: int, weights: str) -> dict:
-    batch, seq, checkpointing = parse_shape(shape)
-    model = smollm2(weights)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = adapt(model, method)
-    model.train()
+def training_step(model, tokens):
+    """A function running one forward, backward and AdamW step on ``tokens`` (forward and backward only when nothing
+    is trainable), and the trainable parameters."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-    tokens = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
 
     def step():
         loss = model(input_ids=tokens, labels=tokens).loss
@@ -144,6 +139,18 @@ def run_one(method: str, shape: str, steps: int, weights: str) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    return step, trainable
+
+
+def run_one(method: str, shape: str, steps: int, weights: str) -> dict:
+    batch, seq, checkpointing = parse_shape(shape)
+    model = smollm2(weights)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = adapt(model, method)
+    model.train()
+    tokens = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    step, trainable = training_step(model, tokens)
     step()  # warm-up: optimizer states, caches
     times = []
     with PeakMemory() as memory:

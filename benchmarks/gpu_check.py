@@ -484,24 +484,16 @@ def _step_one(plan: Plan, method: str) -> list[dict]:
     and ``plan.steps`` timed steps under a fresh peak-memory counter."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bench_model import PROJECTIONS, adapt
+    from bench_model import PROJECTIONS, adapt, training_step
 
     torch.manual_seed(0)
     with torch.device(plan.device):
         model = LlamaForCausalLM(LlamaConfig(**plan.llama, tie_word_embeddings=False))
     model = adapt(model.to(torch.bfloat16), method)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     tokens = torch.randint(0, plan.llama["vocab_size"], (plan.batch, plan.seq),
                            generator=torch.Generator().manual_seed(0)).to(plan.device)
-
-    def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    step, trainable = training_step(model, tokens)
 
     results = []
     for checkpointing in (False, True):
@@ -514,7 +506,7 @@ def _step_one(plan: Plan, method: str) -> list[dict]:
         results.append({"method": method, "checkpointing": checkpointing, "seconds": statistics.median(seconds),
                         "peak_bytes": peak["bytes"], "trainable": sum(p.numel() for p in trainable),
                         "adapted_projections": len(PROJECTIONS)})
-    del model, optimizer, trainable
+    del model, step, trainable
     return results
 
 
