@@ -1,8 +1,9 @@
 """The sparse bypass op: ``y = x S^T`` where row i of S holds ``delta[i, j]`` at column ``indices[i, j]``.
 
-Autograd keeps only ``x`` (shared with whatever else keeps it), ``delta`` and the O(out_features * k) index
-structures: never a dense ``[out, in]`` copy of W or S, and there is no weight gradient at all. The gradient of
-``delta`` is the sampled product ``grad_delta[i, j] = sum_n grad_y[n, i] * x[n, indices[i, j]]``.
+Autograd keeps only ``x`` (shared with whatever else keeps it) or, where nothing else keeps it, only the input
+columns some neuron reads (``x[:, pattern.kept]``), plus ``delta`` and the O(out_features * k) index structures:
+never a dense ``[out, in]`` copy of W or S, and there is no weight gradient at all. The gradient of ``delta`` is the
+sampled product ``grad_delta[i, j] = sum_n grad_y[n, i] * x[n, indices[i, j]]``, which reads no other column.
 
 Backends, chosen per call by :func:`choose_backend` unless the config names one:
 
