@@ -1,5 +1,6 @@
 """Defects found by an outside review (issue 10), one test each; every one of them failed on the code before the fix."""
 
+import json
 import warnings
 
 import pytest
@@ -230,6 +231,34 @@ def test_adapter_added_while_another_is_merged_selects_on_the_base(tmp_path, tok
 def test_build_pattern_refuses_duplicate_positions():
     with pytest.raises(ValueError, match="repeat"):
         build_pattern(torch.tensor([[1, 1], [0, 2]]), 8)
+
+
+def test_build_pattern_refuses_unsorted_rows():
+    with pytest.raises(ValueError, match="not sorted ascending"):
+        build_pattern(torch.tensor([[2, 1], [0, 2]]), 8)
+
+
+@pytest.mark.parametrize("damage", ["repeat", "not sorted"])
+def test_loading_an_adapter_with_repeated_or_unsorted_positions_is_refused(tmp_path, damage):
+    """Refused at load, before the model is touched, not at its first forward."""
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith("neuroada_indices"))
+    row = tensors[key][0].clone()
+    tensors[key][0] = row[[0, 0]] if damage == "repeat" else row.flip(0)
+    save_file(tensors, file)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    name = key.removeprefix("base_model.model.").removesuffix(".neuroada_indices")
+    config["selection_fingerprints"][name] = selection_fingerprint(tensors[key])  # only this check can catch it
+    config_file.write_text(json.dumps(config))
+    other = tiny_llama()
+    tree = module_tree(other)
+    with pytest.raises(AdapterLoadError, match=damage):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert module_tree(other) == tree
 
 
 def test_loading_an_adapter_with_repeated_positions_is_refused(tmp_path):

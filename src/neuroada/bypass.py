@@ -76,8 +76,9 @@ class SparsePattern(NamedTuple):
 
 
 def check_indices(indices: Tensor, in_features: int) -> None:
-    """Refuse a selection the backends would disagree on: every position in range, none repeated within a row
-    (a repeated position would be summed by some backends and overwritten by others)."""
+    """Refuse a selection the backends would disagree on or misread: every position in range, each row strictly
+    ascending (as select_per_neuron returns it). A repeated position would be summed by some backends and
+    overwritten by others; CSR, which the delta gradient uses, needs the columns of a row sorted."""
     if indices.dim() != 2 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
         raise ValueError(f"indices must be an integer tensor [out_features, k], got {indices.dtype} of shape "
                          f"{tuple(indices.shape)}")
@@ -86,23 +87,22 @@ def check_indices(indices: Tensor, in_features: int) -> None:
     wide = indices.long()
     if wide.min() < 0 or wide.max() >= in_features:
         raise ValueError(f"indices fall outside 0..{in_features - 1} (min {int(wide.min())}, max {int(wide.max())})")
-    ordered = wide.sort(dim=1).values
-    repeats = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-    if repeats.any():
-        row = int(repeats.nonzero()[0])
-        raise ValueError(f"row {row} of the indices repeats a position ({wide[row].tolist()}); each neuron's k "
-                         "connections must be distinct, as select_per_neuron returns them")
+    steps = wide[:, 1:] - wide[:, :-1]
+    bad = (steps <= 0).any(dim=1)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        problem = "repeats a position" if (steps[row] == 0).any() else "is not sorted ascending"
+        raise ValueError(f"row {row} of the indices {problem} ({wide[row].tolist()}); each neuron's k connections "
+                         "must be distinct and sorted, as select_per_neuron returns them, with the deltas in the "
+                         "same order")
 
 
 def build_pattern(indices: Tensor, in_features: int) -> SparsePattern:
-    columns = indices.long()
-    # (inside a compiled graph the checks, data-dependent branches, are skipped: a layer's indices were checked
-    # when they were selected or loaded)
+    # (inside a compiled graph the check, data-dependent branches, is skipped: a layer's indices were checked when
+    # they were selected or loaded)
     if not torch.compiler.is_compiling():
         check_indices(indices, in_features)
-    if not torch.compiler.is_compiling() and not _rows_sorted(columns):  # CSR needs sorted columns within a row
-        raise ValueError("each row of the indices must be sorted ascending (as select_per_neuron returns them), "
-                         "with the deltas in the same order")
+    columns = indices.long()
     out_features, k = columns.shape
     flat = columns.reshape(-1)
     order = torch.sort(flat, stable=True).indices
@@ -112,10 +112,6 @@ def build_pattern(indices: Tensor, in_features: int) -> SparsePattern:
     kept, kept_columns = torch.unique(columns, sorted=True, return_inverse=True)
     layouts = (columns, order // k, order, offsets, row_offsets, kept, kept_columns)
     return SparsePattern(*(t.to(torch.int32) for t in layouts), in_features)
-
-
-def _rows_sorted(indices: Tensor) -> bool:
-    return indices.shape[1] < 2 or bool((indices[:, 1:].long() > indices[:, :-1].long()).all())
 
 
 def choose_backend(requested: str, x: Tensor, k: int, fusable: bool = False) -> str:
