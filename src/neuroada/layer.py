@@ -421,14 +421,8 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
             _record_reader(x, self)
             self._inputs_recorded = True
             return False
-        base = self.get_base_layer()
-        return (
-            self._input_sharing == "alone"
-            and type(base).forward is (Conv1D.forward if self.is_conv1d else nn.Linear.forward)
-            and not base.weight.requires_grad
-            and not self.quantization
-            and keeps_columns(self.pattern(adapter_name))
-        )
+        return (self._input_sharing == "alone" and self._base_is_plain_frozen_linear()
+                and keeps_columns(self.pattern(adapter_name)))
 
     def end_input_learning(self) -> None:
         """Decide whether this layer shares its input with another adapted layer, from the training forwards seen
@@ -442,19 +436,23 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         or Conv1D's own (not a subclass's), nothing hooks it (its own or global hooks), and its weight is a plain
         frozen float32 tensor outside autocast (which would run the base matmul in low precision)."""
         base = self.get_base_layer()
-        plain_forward = Conv1D.forward if self.is_conv1d else nn.Linear.forward
         hooks = nn.modules.module
         return (
-            type(base).forward is plain_forward
+            self._base_is_plain_frozen_linear()
             and type(base).__call__ is nn.Module.__call__
             and not (base._forward_hooks or base._forward_pre_hooks)
             and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
             and base.weight.dtype == torch.float32
-            and not base.weight.requires_grad
-            and not self.quantization
             and not sharding.is_zero3_partitioned(base.weight)
             and not torch.is_autocast_enabled(x.device.type)
         )
+
+    def _base_is_plain_frozen_linear(self) -> bool:
+        """The base computes exactly ``x W^T + b`` (nn.Linear's or Conv1D's own forward, not a subclass's, not a
+        quantized layer) with a frozen weight, so it saves no input for a backward."""
+        base = self.get_base_layer()
+        return (type(base).forward is (Conv1D.forward if self.is_conv1d else nn.Linear.forward)
+                and not base.weight.requires_grad and not self.quantization)
 
     def __repr__(self) -> str:
         return "neuroada." + super().__repr__()

@@ -182,7 +182,7 @@ class NeuroAdaModel(BaseTuner):
                     layer.unmerge()
 
     def _layers(self) -> list[NeuroAdaLayer]:
-        return [module for module in self.model.modules() if isinstance(module, NeuroAdaLayer)]
+        return self._layers_and_offload()[0]
 
     def _layers_and_offload(self) -> tuple[list[NeuroAdaLayer], bool]:
         """The NeuroAda layers, and whether any module carries an accelerate hook (an offloaded model). PEFT's own
