@@ -47,13 +47,14 @@ def mismatch(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """The kernels' largest error on the check case, per output, relative to the reference's largest magnitude.
     Raises whatever the kernels raise."""
     from .bypass import build_pattern, sparse_bypass, sparse_bypass_reference
+    from .selection import select_per_neuron
 
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
         generator = torch.Generator().manual_seed(1234)  # a private generator: the caller's random stream is kept
         tokens, in_features, out_features, k = 70, 45, 37, 3  # partial tiles in every dimension
         weight = torch.randn(out_features, in_features, generator=generator)
         weight[:, :3] *= 10  # skewed: most neurons pick the same few inputs, so the input-gradient loop is uneven
-        indices = torch.sort(weight.abs().topk(k, dim=1).indices, dim=1).values.to(device)
+        indices = select_per_neuron(weight, k).to(device)
         pattern = build_pattern(indices, in_features)
         x = torch.randn(tokens, in_features, generator=generator).to(device, dtype)
         delta = torch.randn(out_features, k, generator=generator).to(device)
