@@ -9,7 +9,12 @@ so its peak memory is its own. Writes ``<out>/<task>.md`` (a Markdown table) and
 
 Methods: NeuroAda k=1, 8, 20 (all linear layers); LoRA r=8 on the same modules; PEFT Super-Tuning with as many
 trainable entries as NeuroAda k=1 (top-k over each whole matrix instead of per neuron); BitFit (biases); full
-fine-tuning. Classifier heads, where the task has one, are trained by every method.
+fine-tuning; and the untrained base model (``zero-shot``, generative tasks). Classifier heads, where the task has
+one, are trained by every method.
+
+Each run records which test examples it got right, so every method is compared with LoRA r=8 on the same examples:
+the paired difference (per example, averaged over seeds) with a bootstrap 95% interval over the test examples.
+``--plot docs/lr_sensitivity.png`` draws validation score against learning rate for every method and task.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
 
-METHODS = ["neuroada-k1", "neuroada-k8", "neuroada-k20", "lora-r8", "supertuning-k1", "bitfit", "full"]
+METHODS = ["neuroada-k1", "neuroada-k8", "neuroada-k20", "lora-r8", "supertuning-k1", "bitfit", "full", "zero-shot"]
+REFERENCE = "lora-r8"  # the method every other one is compared with, example by example
+BOOTSTRAP_RESAMPLES = 10_000
 
 # Starting sweeps (log-spaced). Sparse deltas want large rates, LoRA ~1e-3, full fine-tuning ~1e-4.
 SWEEPS = {
@@ -33,12 +40,19 @@ SWEEPS = {
     "lora-r8": [3e-4, 1e-3, 3e-3], "supertuning-k1": [3e-3, 1e-2, 3e-2], "bitfit": [1e-3, 3e-3, 1e-2],
     "full": [3e-5, 1e-4, 3e-4],
 }
+# --wide-sweeps: four rates (a 30x range) from the start, for the learning-rate sensitivity plot
+WIDE_SWEEPS = {
+    "neuroada-k1": [3e-3, 1e-2, 3e-2, 1e-1], "neuroada-k8": [1e-3, 3e-3, 1e-2, 3e-2],
+    "neuroada-k20": [1e-3, 3e-3, 1e-2, 3e-2], "lora-r8": [1e-4, 3e-4, 1e-3, 3e-3],
+    "supertuning-k1": [3e-3, 1e-2, 3e-2, 1e-1], "bitfit": [1e-3, 3e-3, 1e-2, 3e-2], "full": [1e-5, 3e-5, 1e-4, 3e-4],
+}
 
 TASKS = {
     # (recipe, steps, batch, train size, validation size, test size)
     "minilm-sentiment": dict(recipe="minilm-sentiment", steps=150, batch=32, train=4000, validation=500, test=1000),
-    "smollm2-arithmetic": dict(recipe="smollm2-arithmetic", steps=110, batch=8, train=2000, validation=100,
-                               test=200),
+    "smollm2-arithmetic": dict(recipe="smollm2-arithmetic", steps=70, batch=8, train=2000, validation=200,
+                               test=1000),
+    "smollm2-legs": dict(recipe="smollm2-legs", steps=70, batch=8, train=2000, validation=200, test=1000),
 }
 QUICK = dict(steps=8, batch=8, train=64, validation=32, test=32)
 
@@ -120,6 +134,7 @@ def run_one(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    started_run = time.time()
     recipe = RECIPES[spec["recipe"]]
     fields = {k: v for k, v in recipe.items() if k in TaskArguments.__dataclass_fields__}
     fields.update(recipe=spec["recipe"], train_size=spec["train"] + spec["validation"], test_size=spec["test"],
@@ -131,6 +146,16 @@ def run_one(spec: dict) -> dict:
     train = train.select(range(spec["validation"], len(train)))
     if not run.classification:  # the instruction validation split must stay raw for generation
         validation = _raw_validation(run, spec)
+    if spec["method"] == "zero-shot":
+        if run.classification:
+            return {"not_applicable": "a new classification head is untrained without fine-tuning"}
+        model = run.load_base_model()
+        scored = run.evaluate(model, test, "test", per_example=True)
+        return {"scores": {"validation": run.evaluate(model, validation, "validation")[run.metric_name],
+                           "test": scored[run.metric_name]}, "test_hits": scored["hits"], "validation_curve": {},
+                "metric_name": run.metric_name, "trainable": 0, "total": sum(p.numel() for p in model.parameters()),
+                "train_seconds": 0.0, "wall_seconds": time.time() - started_run, "coverage": None,
+                "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "final_loss": None}
     try:
         model, coverage = adapt(run.load_base_model(), spec["method"], run.classification)
     except NotApplicable as reason:
@@ -159,20 +184,28 @@ def run_one(spec: dict) -> dict:
     trainer.train()
     seconds = time.time() - started - evaluating[0]
     curve[spec["steps"]] = run.evaluate(model, validation, "validation")[run.metric_name]
-    scores = {"validation": curve[spec["steps"]], "test": run.evaluate(model, test, "test")[run.metric_name]}
-    return {"scores": scores, "validation_curve": curve, "metric_name": run.metric_name, "trainable": trainable,
-            "total": total, "train_seconds": seconds, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 2**20, "coverage": coverage, "final_loss": trainer.state.log_history[-1].get("train_loss")}
+    scored = run.evaluate(model, test, "test", per_example=True)
+    scores = {"validation": curve[spec["steps"]], "test": scored[run.metric_name]}
+    return {"scores": scores, "test_hits": scored["hits"], "validation_curve": curve, "metric_name": run.metric_name,
+            "trainable": trainable, "total": total, "train_seconds": seconds,
+            "wall_seconds": time.time() - started_run,
+            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "coverage": coverage,
+            "final_loss": trainer.state.log_history[-1].get("train_loss")}
 
 
 def _raw_validation(run, spec):
     from neuroada_recipes.data import load_table
 
-    # generated problems with a third seed, minus the test ones, as a raw validation split
-    test = set(load_table(run.task.data, seed=1000, size=spec["test"])["instruction"])
-    pool = load_table(run.task.data, seed=2000, size=spec["validation"] * 2)
-    pool = pool.filter(lambda r: r["instruction"] not in test)
-    return list(pool.select(range(min(spec["validation"], len(pool)))))
+    # generated problems with a third seed, minus the test and training ones, as a raw validation split
+    splits = run._splits(0, test_only=False)
+    seen = set(splits.test["instruction"]) | set(splits.train["instruction"])
+    pool = load_table(run.task.data, seed=2000, size=spec["validation"] * 3)
+    records = []
+    for record in pool:
+        if record["instruction"] not in seen:
+            seen.add(record["instruction"])
+            records.append(record)
+    return records[: spec["validation"]]
 
 
 # ------------------------------------------------------------------------------------------------ the comparison
@@ -221,6 +254,12 @@ class Runs:
                 handle.write(json.dumps({"spec": spec, "result": self.done[key]}) + "\n")
         return self.done[key]
 
+    def seconds(self, base: dict) -> float:
+        """Wall time of every run made at these sizes (sweeps included), as recorded by each run."""
+        sizes = [base[k] for k in self.SIZE_KEYS[:6]]
+        return sum(self.done[self._key(spec)].get("wall_seconds", 0.0) for spec in self.specs
+                   if [spec[k] for k in self.SIZE_KEYS[:6]] == sizes)
+
     def finished(self, base: dict, method: str) -> dict:
         """Validation scores of the runs made so far for ``method`` at these sizes, by (rate, seed)."""
         sizes = [base[k] for k in self.SIZE_KEYS[:6]]
@@ -259,7 +298,8 @@ def sweep(runs: Runs, base: dict, method: str, rates: list[float], log) -> tuple
 
 
 def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: str, overrides: dict,
-            threads: int | None, report_only: bool = False, fixed_rates: dict | None = None) -> None:
+            threads: int | None, report_only: bool = False, fixed_rates: dict | None = None,
+            wide: bool = False) -> None:
     spec = {**TASKS[task], **(QUICK if quick else {}), **overrides}  # later ones win: --quick, then --steps etc.
     name = f"{task}{'-quick' if quick else ''}"
     base = dict(spec, scratch=os.path.join(out, "scratch", name), threads=threads)
@@ -276,13 +316,22 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
     rows, unfinished, not_applicable = {}, [], {}
     for method in methods:
         try:
-            if method in (fixed_rates or {}):  # a follow-up at a rate chosen earlier: no sweep
-                best = fixed_rates[method]
+            if method == "zero-shot":  # nothing trained: one run, no rate, no seeds
+                best = 0.0
                 swept = {best: runs.get(dict(base, method=method, lr=best, seed=0))}
+                if "not_applicable" in swept[best]:
+                    raise NotApplicable(swept[best]["not_applicable"])
+                finals = [swept[best]]
             else:
-                best, swept = sweep(runs, base, method, SWEEPS[method][:2] if quick else SWEEPS[method], log)
-            # seed 0 at the best rate is the sweep's own run: its test score was computed alongside, never looked at
-            finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
+                if method in (fixed_rates or {}):  # a follow-up at a rate chosen earlier: no sweep
+                    best = fixed_rates[method]
+                    swept = {best: runs.get(dict(base, method=method, lr=best, seed=0))}
+                else:
+                    rates = (WIDE_SWEEPS if wide else SWEEPS)[method]
+                    best, swept = sweep(runs, base, method, rates[:2] if quick else rates, log)
+                # seed 0 at the best rate is the sweep's own run: its test score was computed alongside, never
+                # looked at
+                finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
         except MissingRun:
             unfinished.append((method, runs.finished(base, method)))
             continue
@@ -298,10 +347,14 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
                         "validation_halfway_to_end": halfway, **{k: finals[0][k] for k in (
                             "metric_name", "trainable", "total", "coverage")},
                         "train_seconds": statistics.mean(r["train_seconds"] for r in finals),
-                        "peak_gb": max(r["peak_gb"] for r in finals)}
+                        "peak_gb": max(r["peak_gb"] for r in finals),
+                        "test_hits": [r.get("test_hits") for r in finals]}
         log(f"{method}: lr {best:g}, test {rows[method]['mean']:.4f} +- {rows[method]['std']:.4f}")
+    add_paired_differences(rows)
+    hours = runs.seconds(base) / 3600
     with open(os.path.join(out, f"{name}.json"), "w") as handle:
-        json.dump({"task": task, "spec": spec, "seeds": seeds, "threads": threads, "methods": rows,
+        json.dump({"task": task, "spec": spec, "seeds": seeds, "threads": threads, "run_hours": hours,
+                   "methods": {m: {k: v for k, v in row.items() if k != "test_hits"} for m, row in rows.items()},
                    "unfinished": {m: {f"lr {lr:g}, seed {seed}": v for (lr, seed), v in done.items()}
                                   for m, done in unfinished}, "not_applicable": not_applicable}, handle, indent=2)
     table = markdown(task, spec, seeds, rows)
@@ -317,25 +370,92 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
     print(table)
 
 
+def paired_difference(hits: list[list[int]], reference_hits: list[list[int]], resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = 0) -> dict:
+    """Mean over test examples of (method - reference), each side first averaged over its own seeds, with a
+    percentile bootstrap 95% interval that resamples test examples (the seeds stay paired with their examples)."""
+    import numpy as np
+
+    per_example = np.mean(np.asarray(hits, float), axis=0) - np.mean(np.asarray(reference_hits, float), axis=0)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(per_example), size=(resamples, len(per_example)))
+    means = per_example[draws].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"difference": float(per_example.mean()), "low": float(low), "high": float(high),
+            "examples": len(per_example)}
+
+
+def add_paired_differences(rows: dict) -> None:
+    """``row["vs_reference"]`` for every method whose runs recorded per-example hits, as the reference's did."""
+    reference = rows.get(REFERENCE)
+    if reference is None or not all(reference["test_hits"]):
+        return
+    for method, row in rows.items():
+        if method != REFERENCE and all(row["test_hits"]):
+            row["vs_reference"] = paired_difference(row["test_hits"], reference["test_hits"])
+
+
 def markdown(task, spec, seeds, rows) -> str:
     metric = next(iter(rows.values()))["metric_name"] if rows else "metric"
     lines = [f"### {task}: {metric} on {spec['test']} test examples, mean +- std over seeds {seeds}", "",
              f"{spec['steps']} steps of batch {spec['batch']}, {spec['train']} training and {spec['validation']} "
-             "validation examples; learning rate chosen on validation, seed 0.", "",
-             f"| method | {metric} | trainable | share | best lr (validation at each swept rate) | validation half-way -> end "
-             "(per seed) | train s | peak GB | neurons / inputs covered |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "validation examples; learning rate chosen on validation, seed 0. Paired difference with "
+             f"{REFERENCE} in points (each example's score averaged over seeds; bootstrap over the test examples, "
+             f"{BOOTSTRAP_RESAMPLES:,} resamples).", "",
+             f"| method | {metric} | vs {REFERENCE}, paired (95% CI) | trainable | share | best lr (validation at each "
+             "swept rate) | validation half-way -> end (per seed) | train s | peak GB | neurons / inputs covered |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in rows.items():
         coverage = row["coverage"]
         covered = "-" if coverage is None else (
             f"{coverage['neurons']:,}/{coverage['neurons_total']:,} / {coverage['positions']:,}/"
             f"{coverage['positions_total']:,}")
         swept = ", ".join(f"{lr}: {score:.3f}" for lr, score in row["swept"].items())
+        rate = "-" if method == "zero-shot" else f"{row['lr']:g} ({swept})"
         curves = "; ".join(" -> ".join(f"{v:.3f}" for v in curve) for curve in row["validation_halfway_to_end"])
-        lines.append(f"| {method} | {row['mean']:.4f} +- {row['std']:.4f} | {row['trainable']:,} | "
-                     f"{100 * row['trainable'] / row['total']:.3f}% | {row['lr']:g} ({swept}) | {curves} | "
+        paired = row.get("vs_reference")
+        versus = "-" if paired is None else (
+            f"{100 * paired['difference']:+.1f} [{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}]")
+        lines.append(f"| {method} | {row['mean']:.4f} +- {row['std']:.4f} | {versus} | {row['trainable']:,} | "
+                     f"{100 * row['trainable'] / row['total']:.3f}% | {rate} | {curves or '-'} | "
                      f"{row['train_seconds']:.0f} | {row['peak_gb']:.2f} | {covered} |")
     return "\n".join(lines) + "\n"
+
+
+def plot_sensitivity(out: str, tasks: list[str], path: str) -> None:
+    """One panel per task: each method's validation score (seed 0) at every rate it was run at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = [t for t in tasks if os.path.exists(os.path.join(out, f"{t}.json"))]
+    if not found:
+        raise SystemExit(f"no <task>.json in {out} for {tasks}: run the comparisons (or --report-only) first")
+    figure, axes = plt.subplots(1, len(found), figsize=(5.5 * len(found), 4.2), squeeze=False)
+    for axis, task in zip(axes[0], found):
+        with open(os.path.join(out, f"{task}.json")) as handle:
+            report = json.load(handle)
+        curves = {m: {float(lr): v for lr, v in row["swept"].items()} for m, row in report["methods"].items()
+                  if m != "zero-shot"}
+        for method, done in report.get("unfinished", {}).items():  # "lr 0.01, seed 0": score
+            curves[method] = {float(key.split(",")[0].split()[1]): v for key, v in done.items() if key.endswith("seed 0")}
+        for method, points in curves.items():
+            if points:
+                rates = sorted(points)
+                axis.plot(rates, [points[r] for r in rates], marker="o", label=method)
+        if "zero-shot" in report["methods"]:
+            axis.axhline(report["methods"]["zero-shot"]["mean"], color="grey", linestyle=":", label="zero-shot")
+        axis.set_xscale("log")
+        axis.set_xlabel("learning rate")
+        axis.set_ylabel(f"validation {next(iter(report['methods'].values()))['metric_name']}"
+                        if report["methods"] else "validation")
+        axis.set_title(f"{task} ({report['spec']['steps']} steps)")
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def main():
@@ -352,15 +472,24 @@ def main():
                         help="write the table from the runs already made (<out>/<task>.runs.jsonl), launch nothing")
     parser.add_argument("--fixed-rate", nargs="+", default=[], metavar="METHOD=LR",
                         help="skip the sweep for these methods (e.g. a longer follow-up at the rates a sweep chose)")
+    parser.add_argument("--wide-sweeps", action="store_true",
+                        help="start every sweep at four rates (a 30x range), for the sensitivity plot")
+    parser.add_argument("--plot", metavar="PNG", help="draw validation score against learning rate from the "
+                        "<out>/<task>.json files of --tasks-to-plot, then exit")
+    parser.add_argument("--tasks-to-plot", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_one(json.loads(args.worker))))
         return
+    if args.plot:
+        plot_sensitivity(args.out, args.tasks_to_plot, args.plot)
+        return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     overrides = {k: getattr(args, k) for k in ("steps", "batch", "train", "validation", "test") if getattr(args, k)}
     fixed = {m: float(lr) for m, lr in (item.split("=") for item in args.fixed_rate)}
-    compare(args.task, args.quick, seeds, args.methods, args.out, overrides, args.threads, args.report_only, fixed)
+    compare(args.task, args.quick, seeds, args.methods, args.out, overrides, args.threads, args.report_only, fixed,
+            args.wide_sweeps)
 
 
 if __name__ == "__main__":

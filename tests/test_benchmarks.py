@@ -98,3 +98,31 @@ def test_compare_methods_at_toy_size(benchmark, monkeypatch, capsys, tmp_path):
     row = report["methods"]["neuroada-k1"]
     assert row["lr"] == 1e-2 and len(row["test"]) == 1 and 0.0 <= row["test"][0] <= 1.0
     assert row["coverage"]["neurons"] == row["coverage"]["neurons_total"]  # every neuron gets a connection
+    run = json.loads((tmp_path / "minilm-sentiment-quick.runs.jsonl").read_text().splitlines()[0])["result"]
+    assert len(run["test_hits"]) == 8 and sum(run["test_hits"]) / 8 == run["scores"]["test"]  # one per example
+
+
+def test_paired_difference_with_bootstrap_interval(benchmark):
+    compare_methods = benchmark("compare_methods")
+    same = [[1, 0, 1, 1, 0] * 20]
+    assert compare_methods.paired_difference(same, same) == {"difference": 0.0, "low": 0.0, "high": 0.0,
+                                                              "examples": 100}
+    # 30 examples only the method gets right, 10 only the reference: +0.2, standard error 0.06
+    method = [[1] * 30 + [0] * 10 + [1] * 20 + [0] * 40]
+    reference = [[0] * 30 + [1] * 10 + [1] * 20 + [0] * 40]
+    paired = compare_methods.paired_difference(method, reference)
+    assert paired["difference"] == pytest.approx(0.2)
+    assert paired["low"] == pytest.approx(0.2 - 1.96 * 0.06, abs=0.02)
+    assert paired["high"] == pytest.approx(0.2 + 1.96 * 0.06, abs=0.02)
+    # each side is averaged over its own seeds first: a method right on half its seeds counts 0.5 per example
+    two_seeds = compare_methods.paired_difference([[1, 1], [0, 0]], [[0, 0]], resamples=100)
+    assert two_seeds["difference"] == pytest.approx(0.5)
+
+
+def test_paired_differences_are_added_against_lora_when_every_run_has_hits(benchmark):
+    compare_methods = benchmark("compare_methods")
+    rows = {"lora-r8": {"test_hits": [[1, 0, 1, 0]]}, "neuroada-k1": {"test_hits": [[1, 1, 1, 0], [1, 1, 0, 0]]},
+            "old-run": {"test_hits": [None]}}  # logged before runs recorded their hits
+    compare_methods.add_paired_differences(rows)
+    assert rows["neuroada-k1"]["vs_reference"]["difference"] == pytest.approx(0.125)
+    assert "vs_reference" not in rows["old-run"] and "vs_reference" not in rows["lora-r8"]

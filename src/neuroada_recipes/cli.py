@@ -618,7 +618,13 @@ class TaskRun:
         from .data import default_test_size, load_table
 
         train_size = self.task.train_size or 2000
-        test = load_table(self.task.data, seed=seed + 1000, size=self.task.test_size or default_test_size(train_size))
+        test_size = self.task.test_size or default_test_size(train_size)
+        # distinct test problems: a repeated one would count twice (the generators' pools are finite)
+        test = load_table(self.task.data, seed=seed + 1000, size=test_size + test_size // 4 + 10)
+        first = {}
+        for row, instruction in enumerate(test["instruction"]):
+            first.setdefault(instruction, row)
+        test = test.select(sorted(first.values())[:test_size])
         if test_only:
             return Splits(test.select([]), test)
         train = load_table(self.task.data, seed=seed, size=train_size)
@@ -669,14 +675,15 @@ class TaskRun:
             raise ModelError(f"the adapter in {folder.path} does not fit the base model {self.task.model!r}: "
                              f"{error}") from error
 
-    def evaluate(self, model, test_set, stage: str, batch_size: int = 64) -> dict:
+    def evaluate(self, model, test_set, stage: str, batch_size: int = 64, per_example: bool = False) -> dict:
         from .tasks import evaluate_classifier, evaluate_generation
 
         if self.classification:
-            return evaluate_classifier(model, test_set, self.collator, batch_size, desc=f"evaluating ({stage})")
+            return evaluate_classifier(model, test_set, self.collator, batch_size, desc=f"evaluating ({stage})",
+                                       per_example=per_example)
         return evaluate_generation(model, self.tokenizer, list(test_set), self.task.answer_kind,
                                    batch_size=min(batch_size, 32), max_new_tokens=self.task.max_new_tokens,
-                                   desc=f"generating ({stage})")
+                                   desc=f"generating ({stage})", per_example=per_example)
 
     def info(self) -> dict:
         return {"task": asdict(self.task), "labels": self.labels}

@@ -60,7 +60,10 @@ def _matthews(predictions, labels, classes) -> float:
 
 
 @torch.no_grad()
-def evaluate_classifier(model, dataset, collator, batch_size: int = 64, desc: str = "evaluating") -> dict[str, float]:
+def evaluate_classifier(model, dataset, collator, batch_size: int = 64, desc: str = "evaluating",
+                        per_example: bool = False) -> dict:
+    """Accuracy, macro F1 and Matthews correlation; with ``per_example``, also ``hits``: 1/0 per example, in order
+    (paired comparisons between methods on the same examples need them)."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
     predictions, labels = [], []
@@ -69,7 +72,11 @@ def evaluate_classifier(model, dataset, collator, batch_size: int = 64, desc: st
         batch = {k: v.to(device) for k, v in batch.items()}
         labels.append(batch.pop("labels").cpu().numpy())
         predictions.append(model(**batch).logits.argmax(-1).cpu().numpy())
-    return classification_metrics(np.concatenate(predictions), np.concatenate(labels))
+    predictions, labels = np.concatenate(predictions), np.concatenate(labels)
+    metrics = classification_metrics(predictions, labels)
+    if per_example:
+        metrics["hits"] = (predictions == labels).astype(int).tolist()
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------------ instruction
@@ -115,13 +122,14 @@ def answers_match(predicted: str | None, expected: str, kind: str) -> bool:
 
 @torch.no_grad()
 def evaluate_generation(model, tokenizer, records, answer_kind: str, batch_size: int = 16,
-                        max_new_tokens: int = 16, desc: str = "generating") -> dict:
-    """Exact match of the extracted answer by greedy decoding; also returns a few examples for the report."""
+                        max_new_tokens: int = 16, desc: str = "generating", per_example: bool = False) -> dict:
+    """Exact match of the extracted answer by greedy decoding; also returns a few examples for the report and, with
+    ``per_example``, ``hits``: 1/0 per record, in order."""
     model.eval()
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
     device = next(model.parameters()).device
-    correct, examples = 0, []
+    hits, examples = [], []
     try:
         for start in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
             chunk = records[start : start + batch_size]
@@ -133,10 +141,13 @@ def evaluate_generation(model, tokenizer, records, answer_kind: str, batch_size:
             for record, text in zip(chunk, texts):
                 predicted = extract_answer(text, answer_kind)
                 hit = answers_match(predicted, record["answer"], answer_kind)
-                correct += hit
+                hits.append(int(hit))
                 if len(examples) < 5:
                     examples.append({"question": record["instruction"], "generated": text.strip(),
                                      "expected": record["answer"], "correct": hit})
     finally:
         tokenizer.padding_side = padding_side
-    return {"exact_match": correct / max(len(records), 1), "examples": examples}
+    metrics = {"exact_match": sum(hits) / max(len(records), 1), "examples": examples}
+    if per_example:
+        metrics["hits"] = hits
+    return metrics
