@@ -100,18 +100,21 @@ def test_classification_run_writes_its_files_and_summary(classification_run):
 
 
 def test_own_data_trains_with_neuroadas_defaults_and_a_split_that_fits(classification_run):
-    """1: no --learning_rate: NeuroAda's 1e-2 with warmup, printed; 5: no --test_size on 120 rows: 10% held out
+    """1: no --learning_rate: NeuroAda's rule for k=2 (3e-2 / sqrt(2)) with warmup, printed; 5: no --test_size on
+    120 rows: 10% held out
     (the old fixed 1,000 failed); 4: --overwrite_output_dir lets a run replace an earlier one."""
     run, out, _ = classification_run
     metrics = read_json(run / "metrics.json")
     assert (metrics["test_examples"], metrics["train_examples"]) == (12, 108)
     assert "120 rows, 120 distinct texts; 12 test rows, 108 training rows" in out
-    assert metrics["learning_rate"] == 1e-2 and "learning rate, steps  : 0.01, 4 steps of batch 8" in out
+    rate = 3e-2 / 2**0.5
+    assert metrics["learning_rate"] == pytest.approx(rate)
+    assert f"learning rate, steps  : {rate:g}, 4 steps of batch 8" in out
     training = read_json(run / "config.json")["training"]
     assert (training["warmup_steps"], training["lr_scheduler_type"]) == (10, "linear")
     history = read_json(run / "log_history.json")
     rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
-    assert rates[:3] == pytest.approx([0, 1e-3, 2e-3])  # warming up to 1e-2 over ten steps
+    assert rates[:3] == pytest.approx([0, rate / 10, 2 * rate / 10])  # warming up over ten steps
     assert (run / "adapter").is_dir()
 
 
@@ -160,7 +163,9 @@ def test_own_data_gets_neuroadas_training_defaults_and_model(tiny_bert, sentimen
     task, adapter, _, training = cli.parse_train_arguments(["--model", tiny_bert, "--data", sentiment_csv])
     assert task.recipe is None and adapter.k == 1
     assert (training.learning_rate, training.per_device_train_batch_size, training.warmup_steps,
-            training.lr_scheduler_type) == (1e-2, 32, 10, "linear")  # not TrainingArguments' 5e-5, 8, 0
+            training.lr_scheduler_type) == (3e-2, 32, 10, "linear")  # not TrainingArguments' 5e-5, 8, 0
+    _, _, _, training = cli.parse_train_arguments(["--model", tiny_bert, "--data", sentiment_csv, "--k", "8"])
+    assert training.learning_rate == pytest.approx(3e-2 / 8**0.5)  # the rule: falls as 1/sqrt(k)
     task, _, _, training = cli.parse_train_arguments(["--data", sentiment_csv, "--learning_rate", "3e-3"])
     assert task.model == "minilm" and training.learning_rate == 3e-3  # --model defaults as --help says
     task, _, _, training = cli.parse_train_arguments(["--data", "x.jsonl", "--task", "instruction"])
@@ -219,6 +224,15 @@ def test_selection_choices_match_the_library():
     assert set(cli.SELECTIONS) == set(SELECTION_CRITERIA)
 
 
+def test_default_learning_rate_is_the_librarys_rule():
+    from neuroada import suggested_learning_rate
+    from neuroada_recipes import recipes
+
+    for k in (1, 2, 3, 8, 20, 64, 1000):
+        assert recipes.suggested_learning_rate(k) == suggested_learning_rate(k)
+        assert recipes.default_training_arguments("classification", k)["learning_rate"] == suggested_learning_rate(k)
+
+
 # ---------------------------------------------------- 3. bad settings: refused before anything loads or is written
 
 
@@ -263,7 +277,7 @@ def test_config_file_stands_in_for_flags(tmp_path, tiny_bert, sentiment_csv):
     path.write_text(json.dumps(config))
     task, adapter, _, training = cli.parse_train_arguments([str(path)])
     assert (task.test_size, task.evaluate_before, adapter.k, training.max_steps) == (40, False, 3, 2)
-    assert training.learning_rate == 1e-2  # the same defaults as flags get
+    assert training.learning_rate == pytest.approx(3e-2 / 3**0.5)  # the same defaults as flags get (k=3)
     path.write_text(json.dumps(config | {"k": 0}))
     assert main(["train", str(path)]) == 2
 
@@ -351,7 +365,7 @@ def test_adapter_folder_has_a_model_card_that_says_how_to_load_it(classification
     after = read_json(run / "metrics.json")["after"]["accuracy"]
     assert "NeuroAda" in card and f"base_model: {tiny_encoder}" in card and "k=2" in card
     assert "import neuroada" in card and "PeftModel.from_pretrained" in card and "num_labels=2" in card
-    assert "neuroada train --model" in card and f"{after:.4f}" in card and "learning rate 0.01" in card
+    assert "neuroada train --model" in card and f"{after:.4f}" in card and f"learning rate {3e-2 / 2**0.5:g}" in card
     assert "More Information Needed" not in card
     # the card's loading lines work as written
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
@@ -452,7 +466,7 @@ def test_offline_default_recipe_runs_on_real_minilm(tmp_path, capsys):
     assert metrics["test_examples"] == 64 and metrics["train_examples"] == 96
     assert metrics["trainable_parameters"] == 22_275  # 37 layers' deltas at k=1 + the 3-class head
     out = capsys.readouterr().out
-    assert "minilm-sentiment" in out and "learning rate, steps  : 0.01, 3 steps of batch 32" in out
+    assert "minilm-sentiment" in out and "learning rate, steps  : 0.03, 3 steps of batch 32" in out
     card = (tmp_path / "run" / "adapter" / "README.md").read_text()
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
 

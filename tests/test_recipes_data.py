@@ -62,7 +62,7 @@ def test_training_defaults_apply_to_every_task():
 
     for task in ("classification", "instruction"):
         defaults = default_training_arguments(task, k=1)
-        assert defaults["learning_rate"] == 1e-2 and defaults["warmup_steps"] == 10
+        assert defaults["learning_rate"] == 3e-2 and defaults["warmup_steps"] == 10  # the rule at k=1
     assert all("per_device_train_batch_size" not in recipe for recipe in RECIPES.values())  # one place
 
 

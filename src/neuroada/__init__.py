@@ -8,6 +8,7 @@ from . import _peft_integration
 from .bypass import build_pattern, linear_with_bypass, sparse_bypass, sparse_bypass_reference
 from .config import NeuroAdaConfig
 from .layer import NeuroAdaLayer, NeuroAdaLinear
+from .learning_rate import NeuroAdaLearningRateWarning, suggested_learning_rate
 from .model import AdapterLoadError, NeuroAdaModel
 from .selection import index_dtype_for, select_per_neuron, selection_fingerprint
 
@@ -19,6 +20,7 @@ __all__ = [
     "AdapterLoadError",
     "NeuroAdaConfig",
     "NeuroAdaLayer",
+    "NeuroAdaLearningRateWarning",
     "NeuroAdaLinear",
     "NeuroAdaModel",
     "build_pattern",
@@ -28,4 +30,5 @@ __all__ = [
     "selection_fingerprint",
     "sparse_bypass",
     "sparse_bypass_reference",
+    "suggested_learning_rate",
 ]

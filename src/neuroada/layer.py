@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import quantized, sharding
+from . import learning_rate, quantized, sharding
 from .bypass import (SparsePattern, build_pattern, choose_backend, dense_matrix, keeps_columns, linear_with_bypass,
                      sparse_bypass)
 from .config import NeuroAdaConfig
@@ -121,6 +121,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         else:
             delta = torch.randn(self.out_features, k, dtype=torch.float32, device=rows.device) * 0.02
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
+        learning_rate.track_delta(self.neuroada_delta[adapter_name], k)
         layer = weakref.ref(self)
         self.neuroada_delta[adapter_name].register_post_accumulate_grad_hook(
             lambda _: layer() is not None and layer().end_input_learning())

@@ -7,17 +7,25 @@ defaults; every flag given on the command line (or in a config file) overrides b
 ``neuroada train`` runs with neither ``--model`` nor ``--data``.
 """
 
+import math
+
 DEFAULT_RECIPE = "minilm-sentiment"
 
 # the model ``--model`` defaults to when only ``--data`` is given (both ship offline)
 DEFAULT_MODELS = {"classification": "minilm", "instruction": "smollm2"}
 
 
+def suggested_learning_rate(k: int) -> float:
+    """``neuroada.suggested_learning_rate`` (3e-2 / sqrt(k)), restated here because ``neuroada --help`` must not
+    import torch; a test keeps the two equal."""
+    return 3e-2 / math.sqrt(max(k, 1))
+
+
 def default_training_arguments(task: str, k: int) -> dict:
-    """The ``TrainingArguments`` values NeuroAda runs use unless the user gives one. The one place to change them
-    (a learning-rate rule depending on ``k`` would go here); ``neuroada train --help`` shows these values."""
-    del k  # the same values for every k until a learning-rate rule lands
-    shared = dict(learning_rate=1e-2, warmup_steps=10, lr_scheduler_type="linear", num_train_epochs=3)
+    """The ``TrainingArguments`` values NeuroAda runs use unless the user gives one; ``neuroada train --help`` shows
+    these values. The learning rate follows ``neuroada.suggested_learning_rate(k)``."""
+    shared = dict(learning_rate=suggested_learning_rate(k), warmup_steps=10, lr_scheduler_type="linear",
+                  num_train_epochs=3)
     if task == "instruction":
         return shared | dict(per_device_train_batch_size=8, per_device_eval_batch_size=32)
     return shared | dict(per_device_train_batch_size=32, per_device_eval_batch_size=128)
@@ -37,9 +45,14 @@ RECIPES: dict[str, dict] = {
         model="smollm2", task="instruction", data="reasoning-gym:basic_arithmetic", answer_kind="number",
         test_size=200, train_size=2000, max_length=96, max_new_tokens=8, k=1, max_steps=110,
     ),
+    # SmolLM2-135M-Instruct on reasoning-gym leg counting (2 kinds of animal, 1-3 of each), exact match.
+    "smollm2-legs": dict(
+        model="smollm2", task="instruction", data="reasoning-gym:leg_counting", answer_kind="number",
+        test_size=200, train_size=2000, max_length=96, max_new_tokens=8, k=1, max_steps=110,
+    ),
     # GSM8K-style word problems: a named task for larger models on GPUs (a 135M model stays at 0% on CPU budgets).
     "gsm-symbolic": dict(
         task="instruction", data="reasoning-gym:gsm_symbolic", answer_kind="number", test_size=500,
-        train_size=5000, max_length=512, max_new_tokens=256, k=1, learning_rate=7e-4,
+        train_size=5000, max_length=512, max_new_tokens=256, k=1, learning_rate=9e-3,  # the paper's k=1 rate (7B)
     ),
 }

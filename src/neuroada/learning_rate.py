@@ -1,0 +1,78 @@
+"""The learning rate NeuroAda trains well at without a sweep, and a warning when an optimizer runs NeuroAda deltas
+far below it.
+
+Adam moves every trainable entry by about the learning rate per step, whatever its gradient's scale. A NeuroAda
+neuron has only ``k`` trainable connections, so it needs far larger steps than LoRA's ``A``/``B`` (which move a
+whole row of the weight at once) to change its output as much: every sweep in docs/results.md put NeuroAda's best
+rate 10-30x above LoRA r=8's, and at LoRA's usual rates (1e-4 to 3e-4) the deltas barely move. The rule below
+(3e-2 at k=1, falling as 1/sqrt(k)) is fitted to those sweeps; see ``suggested_learning_rate``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+# Fitted to the sweeps in docs/results.md (all-MiniLM-L6-v2, width 384; SmolLM2-135M, width 576; 70-150 steps of
+# AdamW with linear decay): best rates 3e-2 at k=1 on every task, 1e-2 at k=8, 3e-3..1e-2 at k=20.
+RATE_AT_K1 = 3e-2
+# A rate this many times below the rule is LoRA's range, not a choice: warn.
+LOW_RATE_FACTOR = 10.0
+
+_K_ATTRIBUTE = "_neuroada_k"  # set on each delta Parameter: the optimizer hook finds NeuroAda deltas by it
+_checked_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_hook_handle = None
+
+
+class NeuroAdaLearningRateWarning(UserWarning):
+    """NeuroAda deltas are being trained at a learning rate far below the one they need (a LoRA rate, usually)."""
+
+
+def suggested_learning_rate(k: int) -> float:
+    """The peak AdamW learning rate for NeuroAda deltas with ``k`` connections per neuron: ``3e-2 / sqrt(k)``
+    (k=1: 3e-2, k=8: 1.1e-2, k=20: 6.7e-3).
+
+    Fitted on two small models (widths 384 and 576), short runs (70-150 steps) with linear decay and warmup; the
+    paper's LLaMA-7B runs (width 4096, longer) used about 3x lower rates (9e-3 at k=1, 7e-4 at k=20). It is a
+    starting point that was within the sweeps' best rate on every task measured, not a guarantee: sweep when it
+    matters."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    return RATE_AT_K1 / math.sqrt(k)
+
+
+def track_delta(parameter: torch.nn.Parameter, k: int) -> None:
+    """Mark ``parameter`` as a NeuroAda delta with ``k`` connections per neuron, and make sure optimizers are
+    checked (once each, at their first step) for rates far below ``suggested_learning_rate(k)``."""
+    global _hook_handle
+    setattr(parameter, _K_ATTRIBUTE, k)
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_pre_hook(_check_learning_rate)
+
+
+def _check_learning_rate(optimizer, args, kwargs) -> None:
+    if optimizer in _checked_optimizers:  # the only cost on every later step
+        return
+    _checked_optimizers.add(optimizer)
+    for group in optimizer.param_groups:
+        ks = [getattr(p, _K_ATTRIBUTE) for p in group["params"] if hasattr(p, _K_ATTRIBUTE)]
+        if not ks:
+            continue
+        # a scheduler's warmup starts near 0; its "initial_lr" is the peak the user chose
+        rate = float(group.get("initial_lr", group["lr"]))
+        k = max(ks)
+        suggested = suggested_learning_rate(k)
+        if rate * LOW_RATE_FACTOR <= suggested:
+            warnings.warn(
+                f"NeuroAda deltas (k={k}) are trained at learning rate {rate:g}, {suggested / max(rate, 1e-30):.0f}x "
+                f"below the rate they train well at ({suggested:.2g} = neuroada.suggested_learning_rate({k})). "
+                "Sparse deltas need much larger rates than LoRA: at LoRA's usual 1e-4..3e-4 they barely move and the "
+                f"model stays close to the base. Use learning_rate={suggested:.2g} (the neuroada command line's "
+                "default), or silence this with warnings.filterwarnings('ignore', "
+                "category=neuroada.NeuroAdaLearningRateWarning) if the low rate is intended.",
+                NeuroAdaLearningRateWarning, stacklevel=3)
+            return

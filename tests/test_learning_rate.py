@@ -1,0 +1,95 @@
+"""The learning-rate rule (neuroada.suggested_learning_rate) and the warning for a LoRA rate kept after swapping
+LoraConfig for NeuroAdaConfig."""
+
+import warnings
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments, get_linear_schedule_with_warmup
+
+from conftest import tiny_llama
+from neuroada import NeuroAdaConfig, NeuroAdaLearningRateWarning, suggested_learning_rate
+
+
+def test_rule_values_and_bad_k():
+    assert suggested_learning_rate(1) == pytest.approx(3e-2)
+    assert suggested_learning_rate(8) == pytest.approx(3e-2 / 8**0.5)
+    assert suggested_learning_rate(4) == pytest.approx(suggested_learning_rate(1) / 2)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        suggested_learning_rate(0)
+
+
+def _model(k=1):
+    return get_peft_model(tiny_llama(), NeuroAdaConfig(k=k, target_modules=["q_proj", "down_proj"]))
+
+
+def _step(model, optimizer, scheduler=None):
+    tokens = torch.randint(0, 96, (2, 6))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad()
+
+
+def _caught(model, optimizer, steps=2, scheduler=None):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            _step(model, optimizer, scheduler)
+    return [w for w in caught if issubclass(w.category, NeuroAdaLearningRateWarning)]
+
+
+def test_a_lora_rate_on_neuroada_deltas_warns_once_with_the_fix():
+    model = _model(k=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    caught = _caught(model, optimizer, steps=3)
+    assert len(caught) == 1  # once per optimizer, not every step
+    message = str(caught[0].message)
+    assert "k=1" in message and "learning rate 0.0002" in message and "learning_rate=0.03" in message
+
+
+@pytest.mark.parametrize("k, rate", [(1, 3e-2), (1, 1e-2), (8, 3e-3), (20, 1e-3)])
+def test_rates_near_the_rule_do_not_warn(k, rate):
+    model = _model(k=k)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rate)
+    assert _caught(model, optimizer) == []
+
+
+def test_warmup_from_zero_is_judged_by_the_peak_rate():
+    """A scheduler starts at lr 0; the rate the user chose is the group's initial_lr."""
+    model = _model(k=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=5, num_training_steps=10)
+    assert optimizer.param_groups[0]["lr"] == 0
+    assert _caught(model, optimizer, scheduler=scheduler) == []
+
+
+def test_only_groups_holding_neuroada_deltas_are_judged():
+    """A LoRA-rate group for other parameters (a head, say) beside a proper delta group is fine."""
+    model = _model(k=1)
+    deltas = [p for n, p in model.named_parameters() if "neuroada_delta" in n]
+    head = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW([{"params": deltas, "lr": 3e-2}, {"params": head.parameters(), "lr": 1e-5}])
+    assert _caught(model, optimizer) == []
+    plain = torch.optim.SGD(head.parameters(), lr=1e-6)  # an optimizer without deltas never warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        head(torch.ones(1, 3)).sum().backward()
+        plain.step()
+    assert not [w for w in caught if issubclass(w.category, NeuroAdaLearningRateWarning)]
+
+
+def test_trainer_with_a_lora_rate_warns(tmp_path):
+    """The one-line swap: LoraConfig -> NeuroAdaConfig with the LoRA run's TrainingArguments (lr 2e-4)."""
+    model = _model(k=1)
+    data = [{"input_ids": torch.randint(0, 96, (6,)).tolist()} for _ in range(8)]
+    for row in data:
+        row["labels"] = row["input_ids"]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=2e-4, warmup_steps=1, report_to="none", save_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    with pytest.warns(NeuroAdaLearningRateWarning, match="150x below"):
+        trainer.train()
