@@ -315,6 +315,7 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
     log(f"# {task}: {spec}, seeds {seeds}")
     rows, unfinished, not_applicable = {}, [], {}
     for method in methods:
+        default_row = None
         try:
             if method == "zero-shot":  # nothing trained: one run, no rate, no seeds
                 best = 0.0
@@ -332,6 +333,11 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
                 # seed 0 at the best rate is the sweep's own run: its test score was computed alongside, never
                 # looked at
                 finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
+                rule = rule_rate(method)
+                if rule is not None and not quick:  # what a user gets without a sweep: the library's default
+                    ruled = runs.get(dict(base, method=method, lr=rule, seed=0))
+                    default_row = {"lr": rule, "validation": ruled["scores"]["validation"],
+                                   "test": ruled["scores"]["test"]}
         except MissingRun:
             unfinished.append((method, runs.finished(base, method)))
             continue
@@ -348,7 +354,7 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
                             "metric_name", "trainable", "total", "coverage")},
                         "train_seconds": statistics.mean(r["train_seconds"] for r in finals),
                         "peak_gb": max(r["peak_gb"] for r in finals),
-                        "test_hits": [r.get("test_hits") for r in finals]}
+                        "test_hits": [r.get("test_hits") for r in finals], "default_rate": default_row}
         log(f"{method}: lr {best:g}, test {rows[method]['mean']:.4f} +- {rows[method]['std']:.4f}")
     add_paired_differences(rows)
     hours = runs.seconds(base) / 3600
@@ -368,6 +374,16 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
     with open(os.path.join(out, f"{name}.md"), "w") as handle:
         handle.write(table)
     print(table)
+
+
+def rule_rate(method: str) -> float | None:
+    """The learning rate ``neuroada.suggested_learning_rate`` gives a NeuroAda method (None for the others)."""
+    if not method.startswith("neuroada-k"):
+        return None
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    from neuroada_recipes.recipes import suggested_learning_rate  # the library's rule, without importing torch
+
+    return float(f"{suggested_learning_rate(int(method.removeprefix('neuroada-k'))):.6g}")
 
 
 def paired_difference(hits: list[list[int]], reference_hits: list[list[int]], resamples: int = BOOTSTRAP_RESAMPLES,
@@ -419,6 +435,15 @@ def markdown(task, spec, seeds, rows) -> str:
         lines.append(f"| {method} | {row['mean']:.4f} +- {row['std']:.4f} | {versus} | {row['trainable']:,} | "
                      f"{100 * row['trainable'] / row['total']:.3f}% | {rate} | {curves or '-'} | "
                      f"{row['train_seconds']:.0f} | {row['peak_gb']:.2f} | {covered} |")
+    ruled = {m: row for m, row in rows.items() if row.get("default_rate")}
+    if ruled:
+        lines += ["", "The default learning rate (`neuroada.suggested_learning_rate(k)`, no sweep) against the swept "
+                  "best, seed 0:", "", "| method | default rate | validation at default | best swept rate | "
+                  "validation at best | test at default | test at best |", "|---|---|---|---|---|---|---|"]
+        for method, row in ruled.items():
+            default, best_validation = row["default_rate"], row["swept"][f"{row['lr']:g}"]
+            lines.append(f"| {method} | {default['lr']:.3g} | {default['validation']:.3f} | {row['lr']:g} | "
+                         f"{best_validation:.3f} | {default['test']:.3f} | {row['test'][0]:.3f} |")
     return "\n".join(lines) + "\n"
 
 
