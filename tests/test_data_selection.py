@@ -297,7 +297,8 @@ def test_command_line_calibrates_on_training_batches(criterion, tmp_path, tiny_b
     code, out, _ = run_cli(["train", "--model", tiny_bert, "--data", data, "--max_length", "16", "--k", "2",
                             "--selection", criterion, "--calibration_batches", "3", "--output_dir", str(run),
                             "--max_steps", "2", "--per_device_train_batch_size", "8", "--disable_tqdm", "true",
-                            "--evaluate_before", "false"])
+                            "--evaluate_before", "false"]
+                           + (["--calibration_memory_mb", "1"] if criterion == "gradient" else []))
     assert code == 0, out
     assert f"selection: {criterion} on 3 training batches (24 examples" in out
     saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
@@ -311,6 +312,7 @@ def test_command_line_calibrates_on_training_batches(criterion, tmp_path, tiny_b
 @pytest.mark.parametrize("flags, message", [
     (["--selection", "activation", "--save_indices", "false"], "keep save_indices=True"),
     (["--selection", "gradient", "--calibration_batches", "0"], "--calibration_batches must be at least 1"),
+    (["--selection", "gradient", "--calibration_memory_mb", "0"], "--calibration_memory_mb must be at least 1"),
 ])
 def test_command_line_refuses_bad_calibration_settings_before_loading(flags, message, tmp_path, tiny_bert, capsys,
                                                                       monkeypatch):
@@ -326,3 +328,24 @@ def test_command_line_refuses_bad_calibration_settings_before_loading(flags, mes
                     + flags) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ the selection-time benchmark at toy size
+
+
+def test_bench_selection_at_toy_size(monkeypatch, capsys):
+    import importlib
+    import os
+    import sys
+
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    monkeypatch.syspath_prepend(benchmarks)
+    bench_selection = importlib.import_module("bench_selection")
+    monkeypatch.setattr(sys, "argv", ["bench_selection.py", "--weights", "tiny", "--batches", "2", "--batch-size", "1",
+                                      "--length", "8", "--gradient-budgets-mb", "layer", "all"])
+    bench_selection.main()
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    passes = {(cells[0].strip(), cells[2].strip()): int(cells[3]) for cells in rows}
+    # magnitude reads no data; activation one forward per batch; gradient one per batch and group of layers
+    assert passes == {("magnitude", "-"): 0, ("activation", "-"): 2, ("gradient", "layer"): 2 * 14,
+                      ("gradient", "all"): 2}

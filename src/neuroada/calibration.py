@@ -120,7 +120,7 @@ def _activation_scores(model, layers, adapter_name, batches, max_score_bytes) ->
 def _gradient_scores(model, layers, adapter_name, batches, max_score_bytes) -> dict[str, torch.Tensor]:
     indices = {}
     with _frozen_parameters(model), torch.enable_grad():
-        for group in _groups(layers, max_score_bytes):
+        for group in score_groups(layers, max_score_bytes):
             scores = _gradient_scores_of_group(model, {name: layers[name] for name in group}, batches)
             for name in group:
                 indices[name] = select_top_k_scores(scores.pop(name), layers[name].neuroada_indices[adapter_name]
@@ -173,7 +173,7 @@ def _gradient_scores_of_group(model, layers: dict[str, NeuroAdaLayer], batches) 
     return scores
 
 
-def _groups(layers: dict[str, NeuroAdaLayer], max_score_bytes: Optional[int]) -> list[list[str]]:
+def score_groups(layers: dict[str, NeuroAdaLayer], max_score_bytes: Optional[int]) -> list[list[str]]:
     """Layers in model order, in consecutive groups whose score buffers fit ``max_score_bytes`` (at least one layer
     each); ``None``: one layer per group."""
     if max_score_bytes is not None and (isinstance(max_score_bytes, bool) or not isinstance(max_score_bytes, int)

@@ -82,6 +82,9 @@ class AdapterArguments:
     calibration_batches: int = field(default=8, metadata={
         "help": "activation/gradient selection: training batches (from the training collator, batch "
                 "--per_device_train_batch_size) to score the connections on."})
+    calibration_memory_mb: Optional[int] = field(default=None, metadata={
+        "help": "gradient selection: MiB for the layers' [out, in] float32 scores per pass over the calibration "
+                "batches. Default: one layer per pass (least memory; one forward and backward per batch and layer)."})
     save_indices: bool = field(default=True, metadata={
         "help": "Store the selected indices in the adapter file ('--save_indices false' stores the deltas only; "
                 "the indices are then recomputed and checked at load)."})
@@ -180,6 +183,8 @@ def check_train_arguments(task: TaskArguments, adapter: AdapterArguments, run: R
         raise UsageError(f"--k must be at least 1 (trainable connections per neuron), got {adapter.k}")
     if adapter.calibration_batches < 1:
         raise UsageError(f"--calibration_batches must be at least 1, got {adapter.calibration_batches}")
+    if adapter.calibration_memory_mb is not None and adapter.calibration_memory_mb < 1:
+        raise UsageError(f"--calibration_memory_mb must be at least 1, got {adapter.calibration_memory_mb}")
     for name in ("test_size", "train_size", "max_length", "max_new_tokens"):
         value = getattr(task, name)
         if value is not None and value < 1:
@@ -242,7 +247,7 @@ def train_command(argv: list[str]) -> int:
     before = run.evaluate(model, test_set, "before") if task.evaluate_before else None
     model = get_peft_model(model, config)
     if config.selection in DATA_SELECTIONS:
-        calibrate(model, train_set, run.collator, adapter_args.calibration_batches, training, main_process)
+        calibrate(model, train_set, run.collator, adapter_args, training, main_process)
     trainable, total = model.get_nb_trainable_parameters()
 
     trainer = Trainer(model=model, args=training, train_dataset=train_set, data_collator=run.collator,
@@ -281,7 +286,7 @@ def train_command(argv: list[str]) -> int:
     return 0
 
 
-def calibrate(model, train_set, collator, num_batches: int, training, main_process: bool) -> None:
+def calibrate(model, train_set, collator, adapter: AdapterArguments, training, main_process: bool) -> None:
     """A data-aware selection from the first ``num_batches`` of a seeded shuffle of the training split, batched and
     collated as training is (every process draws the same batches, so all select alike)."""
     import torch
@@ -289,13 +294,16 @@ def calibrate(model, train_set, collator, num_batches: int, training, main_proce
 
     from neuroada import calibrate_selection
 
+    num_batches = adapter.calibration_batches
     loader = DataLoader(train_set, batch_size=training.per_device_train_batch_size, shuffle=True,
                         collate_fn=collator, generator=torch.Generator().manual_seed(training.seed))
     if num_batches > len(loader):
         raise UsageError(f"--calibration_batches {num_batches} is more than the training split holds "
                          f"({len(loader)} batches of {training.per_device_train_batch_size}); lower it")
     started = time.time()
-    record = calibrate_selection(model, loader, num_batches=num_batches)
+    memory = adapter.calibration_memory_mb
+    record = calibrate_selection(model, loader, num_batches=num_batches,
+                                 max_score_bytes=None if memory is None else memory * 2**20)
     if main_process:
         print(f"selection: {model.active_peft_config.selection} on {record['batches']} training batches "
               f"({record['samples']} examples, {record['tokens']} tokens) in {time.time() - started:.1f} s")
