@@ -304,7 +304,8 @@ def test_command_line_calibrates_on_training_batches(criterion, tmp_path, tiny_b
     saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert saved["selection"] == criterion and saved["calibration"]["batches"] == 3
     assert saved["calibration"]["samples"] == 24
-    assert f"({criterion} selection, scored on 3 training batches: 24 examples" in (run / "adapter" / "README.md").read_text()
+    card = (run / "adapter" / "README.md").read_text()
+    assert f"({criterion} selection, scored on 3 training batches: 24 examples" in card
     if criterion == "activation":  # the saved adapter loads and scores
         code, out, _ = run_cli(["eval", "--adapter", str(run / "adapter")])
         assert code == 0 and "accuracy" in out, out
