@@ -99,6 +99,7 @@ def main():
         samples = [time_selection(model, criterion, k, batches, budget) for _ in range(args.repeats)]
         seconds = statistics.median(s for s, _ in samples)
         rows.append([criterion, str(k), "-" if budget is None else budget, str(samples[0][1]), f"{seconds:.2f}"])
+        print(f"done: {' '.join(rows[-1])}", file=sys.stderr, flush=True)  # progress of a long run
     shape = {"real": "SmolLM2-135M-Instruct", "random": "SmolLM2-135M-shaped random",
              "tiny": "tiny (smoke test)"}[args.weights]
     print(f"{shape} Llama, seven projections, {args.batches} batches of {args.batch_size} x {args.length} tokens, "
