@@ -144,6 +144,22 @@ def test_select_top_k_scores_breaks_ties_like_magnitude():
         select_top_k_scores(torch.tensor([[float("nan"), 1.0]]), 1)
 
 
+def test_a_second_adapter_is_calibrated_on_the_base_whatever_the_first_adapter_holds(tokens):
+    batches = make_batches(6)
+    alone = selections(calibrated(tiny_llama, "activation", batches))
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=K, init_weights=False))  # non-zero deltas, active
+    before = selections(model)
+    model.add_adapter("data", NeuroAdaConfig(k=K, selection="activation"))
+    model(input_ids=tokens)  # the active adapter runs; only "data" waits for its calibration
+    calibrate_selection(model, batches, adapter_name="data")
+    data = {name.removeprefix("base_model.model."): module.neuroada_indices["data"].long()
+            for name, module in model.named_modules() if isinstance(module, NeuroAdaLayer)}
+    assert all(torch.equal(data[name], alone[name]) for name in alone)  # scored on the base, not base + "default"
+    assert all(torch.equal(before[name], indices) for name, indices in selections(model).items())
+    model.set_adapter("data")
+    model(input_ids=tokens)
+
+
 # ------------------------------------------------------------------ refusals
 
 
