@@ -15,7 +15,8 @@ import torch
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 SMOKE_TESTED = {"bench_layer.py", "bench_model.py", "compare_methods.py",
-                "bench_adapters.py"}  # (bench_adapters: tests/test_bench_adapters.py)
+                "bench_adapters.py",  # (bench_adapters: tests/test_bench_adapters.py)
+                "bench_selection.py"}  # (tests/test_data_selection.py)
 # shared helpers; the GPU check is tested on its own (tests/test_gpu_check.py); the bundle writer only packs files
 NOT_A_BENCHMARK = {"common.py", "gpu_check.py", "make_gpu_bundle.py"}
 

@@ -219,9 +219,10 @@ def test_help_imports_no_backend_and_prints_no_noise():
 
 
 def test_selection_choices_match_the_library():
-    from neuroada.selection import SELECTION_CRITERIA
+    from neuroada.selection import DATA_CRITERIA, SELECTION_CRITERIA
 
     assert set(cli.SELECTIONS) == set(SELECTION_CRITERIA)
+    assert set(cli.DATA_SELECTIONS) == set(DATA_CRITERIA)
 
 
 def test_default_learning_rate_is_the_librarys_rule():

@@ -72,6 +72,8 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="positive integer"):
         select_per_neuron(torch.randn(3, 4), 0)
     with pytest.raises(ValueError, match="unknown selection criterion"):
+        select_per_neuron(torch.randn(3, 4), 1, "biggest")
+    with pytest.raises(ValueError, match="needs calibration data"):  # chosen by calibrate_selection instead
         select_per_neuron(torch.randn(3, 4), 1, "gradient")
     with pytest.raises(ValueError, match="NaN or inf"):
         select_per_neuron(torch.tensor([[1.0, float("nan")]]), 1)

@@ -10,7 +10,8 @@ from .config import NeuroAdaConfig
 from .layer import NeuroAdaLayer, NeuroAdaLinear
 from .learning_rate import NeuroAdaLearningRateWarning, suggested_learning_rate
 from .model import AdapterLoadError, NeuroAdaModel
-from .selection import index_dtype_for, select_per_neuron, selection_fingerprint
+from .selection import index_dtype_for, select_per_neuron, select_top_k_scores, selection_fingerprint
+from .calibration import calibrate_selection
 
 _peft_integration.register(NeuroAdaConfig, NeuroAdaModel)
 
@@ -24,9 +25,11 @@ __all__ = [
     "NeuroAdaLinear",
     "NeuroAdaModel",
     "build_pattern",
+    "calibrate_selection",
     "index_dtype_for",
     "linear_with_bypass",
     "select_per_neuron",
+    "select_top_k_scores",
     "selection_fingerprint",
     "sparse_bypass",
     "sparse_bypass_reference",

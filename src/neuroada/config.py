@@ -11,7 +11,7 @@ from peft.config import PeftConfig
 from ._peft_integration import NEUROADA_PEFT_TYPE
 from .bypass import BACKENDS
 from .files import check_adapter_file
-from .selection import SELECTION_CRITERIA
+from .selection import DATA_CRITERIA, SELECTION_CRITERIA
 
 
 @dataclass
@@ -42,7 +42,11 @@ class NeuroAdaConfig(PeftConfig):
             by module name. TRL's ``SFTTrainer`` fills it in when ``chat_template_path`` adds tokens.
         selection (`str`):
             How connections are chosen per neuron: ``"magnitude"`` (largest ``|W[i, j]|``, the paper's default),
-            ``"smallest"`` (smallest ``|W[i, j]|``) or ``"random"`` (uniform, reproducible from ``seed``).
+            ``"smallest"`` (smallest ``|W[i, j]|``) or ``"random"`` (uniform, reproducible from ``seed``), all from
+            the weights at injection; or from calibration data: ``"activation"`` (``|W[i, j]|`` times the L2 norm of
+            input j over the batches, as Wanda) or ``"gradient"`` (``|dL/dW[i, j] * W[i, j]|`` summed over the
+            batches). A data criterion needs ``neuroada.calibrate_selection(peft_model, batches)`` after
+            ``get_peft_model`` (until then the adapter refuses to run and to save) and ``save_indices=True``.
         seed (`int`):
             Seed of ``selection="random"`` (combined with each layer's name); ignored otherwise.
         init_weights (`bool`):
@@ -62,6 +66,13 @@ class NeuroAdaConfig(PeftConfig):
             ``"gather"`` (sparse kernels, O(tokens * out * k), added to the base output) or ``"dense"`` (a temporary
             dense S, added likewise). A property of the machine, not of the adapter: where the named backend cannot
             run (Triton on a CPU), the same bypass is computed by another one, with one warning.
+        calibration (`Optional[dict]`):
+            Written by ``calibrate_selection`` for a data criterion: the data it used (``batches``, ``samples``,
+            ``tokens``). Leave it unset.
+        selected_weight_sums (`Optional[dict[str, float]]`):
+            Written by ``calibrate_selection``: per layer, the sum of ``|W|`` over the selected connections, which a
+            load compares with the base it loads on (a data-chosen selection is no top-k of ``|W|``, so this is
+            how another base is told apart). Leave it unset.
         selection_fingerprints (`Optional[dict[str, str]]`):
             Written by ``save_pretrained``: a short hash of each layer's selection, used at load time to detect an
             adapter loaded on other base weights. Leave it unset.
@@ -98,6 +109,10 @@ class NeuroAdaConfig(PeftConfig):
     bypass_backend: str = field(
         default="auto", metadata={"help": f"Sparse bypass implementation, one of {BACKENDS}."}
     )
+    calibration: Optional[dict] = field(
+        default=None, metadata={"help": "The data a data-aware selection used, written by calibrate_selection."})
+    selected_weight_sums: Optional[dict[str, float]] = field(
+        default=None, metadata={"help": "Per-layer sums of |W| at the selection, written by calibrate_selection."})
     selection_fingerprints: Optional[dict[str, str]] = field(
         default=None, metadata={"help": "Per-layer selection hashes, written by save_pretrained. Leave unset."}
     )
@@ -110,6 +125,17 @@ class NeuroAdaConfig(PeftConfig):
         if self.selection not in SELECTION_CRITERIA:
             raise ValueError(
                 f"NeuroAdaConfig: selection={self.selection!r} is unknown; use one of {SELECTION_CRITERIA}"
+            )
+        if self.selection in DATA_CRITERIA and not self.save_indices:
+            raise ValueError(
+                f"NeuroAdaConfig: selection={self.selection!r} is chosen from calibration data, which a load does not "
+                "have, so the indices could not be recomputed from the base weights at load time: keep "
+                "save_indices=True (the default) with a data-aware selection"
+            )
+        if self.calibration is not None and self.selection not in DATA_CRITERIA:
+            raise ValueError(
+                f"NeuroAdaConfig: calibration={self.calibration!r} is recorded for the data-aware selections "
+                f"{DATA_CRITERIA} only, but selection={self.selection!r}; leave calibration unset"
             )
         if self.bypass_backend not in BACKENDS:
             raise ValueError(

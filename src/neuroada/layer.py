@@ -17,7 +17,7 @@ from . import learning_rate, quantized, sharding
 from .bypass import (SparsePattern, build_pattern, choose_backend, dense_matrix, keeps_columns, linear_with_bypass,
                      sparse_bypass)
 from .config import NeuroAdaConfig
-from .selection import layer_seed, precision_fragile_rows, select_per_neuron, selection_fingerprint
+from .selection import DATA_CRITERIA, layer_seed, precision_fragile_rows, select_per_neuron, selection_fingerprint
 
 
 # Mixed-adapter batches: adapters that share a selection are computed together by one gather while it holds at most
@@ -57,6 +57,9 @@ class NeuroAdaLayer(BaseTunerLayer):
         # Rows whose selection a bf16/fp16 copy of the base could break differently (ties after rounding), with
         # their indices: what an adapter saved without indices stores so that it reloads in another precision.
         self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Adapters with a data-aware selection that calibrate_selection has not chosen yet: they hold a placeholder
+        # (magnitude) selection, and their forward refuses to run.
+        self.uncalibrated: set[str] = set()
         self._patterns: dict[str, SparsePattern] = {}
         self._selection_keys: dict[str, tuple[SparsePattern, str]] = {}  # see _selection_key (mixed batches)
         # Whether another adapted layer reads the same input tensor (q/k/v, gate/up): "learning" in the forwards
@@ -113,7 +116,14 @@ class NeuroAdaLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
         k = min(config.k, self.in_features)
         rows = self.full_weight_rows()
-        indices = select_per_neuron(rows, k, config.selection, seed=layer_seed(config.seed, module_name))
+        # A data-aware selection is chosen later by calibrate_selection (or comes from the file on a load, which
+        # always stores indices for it); until then the shapes need a placeholder, which nothing may train or save.
+        criterion = "magnitude" if config.selection in DATA_CRITERIA else config.selection
+        indices = select_per_neuron(rows, k, criterion, seed=layer_seed(config.seed, module_name))
+        if config.selection in DATA_CRITERIA and config.calibration is None:
+            self.uncalibrated.add(adapter_name)
+        else:
+            self.uncalibrated.discard(adapter_name)
         if not config.save_indices:  # computed now, while every process holds the whole weight
             self.pinned_rows[adapter_name] = self._pinned(rows, indices, config.selection)
         if config.init_weights:
@@ -130,6 +140,19 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._patterns.pop(adapter_name, None)
         self.bypass_backend[adapter_name] = config.bypass_backend
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def set_selection(self, adapter_name: str, indices: torch.Tensor) -> None:
+        """Replace ``adapter_name``'s selection by ``indices`` (``[out_features, k]``, rows sorted), e.g. one chosen
+        from calibration data; the deltas keep their values, now on the new connections."""
+        current = self.neuroada_indices[adapter_name]
+        if tuple(indices.shape) != tuple(current.shape):
+            raise ValueError(f"a new selection must have the shape of the current one, {tuple(current.shape)}; got "
+                             f"{tuple(indices.shape)}")
+        self.neuroada_indices[adapter_name] = indices.to(device=current.device, dtype=current.dtype)
+        self._patterns.pop(adapter_name, None)
+        self._selection_keys.pop(adapter_name, None)
+        self.pinned_rows.pop(adapter_name, None)
+        self.uncalibrated.discard(adapter_name)
 
     def pinned_rows_for(self, adapter_name: str, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of ``adapter_name``'s selection that a bf16/fp16 copy of the base could break differently, and
@@ -227,6 +250,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._patterns.pop(adapter_name, None)
         self._selection_keys.pop(adapter_name, None)
         self.pinned_rows.pop(adapter_name, None)
+        self.uncalibrated.discard(adapter_name)
 
 
 @functools.lru_cache(maxsize=16)
@@ -304,11 +328,21 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.uncalibrated:
+            self._refuse_uncalibrated(adapter_names if adapter_names is not None else self.active_adapters)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         return self._forward_with(x, self.active_adapters, *args, **kwargs)
+
+    def _refuse_uncalibrated(self, adapter_names) -> None:
+        waiting = sorted(self.uncalibrated.intersection(adapter_names))
+        if waiting:
+            raise RuntimeError(
+                f"NeuroAda adapter {waiting[0]!r} selects its connections from data (a data-aware selection) and has "
+                "not been calibrated yet: call neuroada.calibrate_selection(peft_model, batches, num_batches=...) "
+                "after get_peft_model and before training or using the model.")
 
     def _forward_with(self, x: torch.Tensor, adapter_names, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer plus the bypasses of ``adapter_names`` (those this layer holds) on the whole batch."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from .bypass import check_indices
 from .layer import NeuroAdaLayer, NeuroAdaLinear, supports
-from .selection import is_top_k_selection, selection_fingerprint
+from .selection import DATA_CRITERIA, is_top_k_selection, selection_fingerprint
 
 _PEFT_MODEL_PREFIX = "base_model.model."
 # Keys of an adapter saved without indices: the rows whose indices are stored anyway (see precision_fragile_rows).
@@ -199,6 +199,11 @@ class NeuroAdaModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        if config.selection in DATA_CRITERIA and config.calibration is None:
+            raise ValueError(
+                f"adapter {adapter_name!r} uses selection={config.selection!r}, chosen from data, and has not been "
+                "calibrated, so its connections are placeholders; nothing was saved. Call "
+                "neuroada.calibrate_selection(peft_model, batches) after get_peft_model, then train and save.")
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         layers = _named_layers(model, adapter_name)
         # Written into the config that save_pretrained writes next, so a later load can check its base.
@@ -316,8 +321,15 @@ def _validated_for_load(model, config, adapter_name, state_dict):
                 "files come from different saves or the weights file is damaged. Save the adapter again."
             )
         # Equal to this base's own selection, or a top-k of it up to ties (the same weights in another precision):
-        # this is the base. Otherwise the stored indices still apply, but the user should know.
-        if not torch.equal(indices.long(), live_indices.long()) and not is_top_k_selection(
+        # this is the base. A data-chosen selection is no top-k of |W|: the sum of |W| at it, recorded at
+        # calibration, is compared instead. Otherwise the stored indices still apply, but the user should know.
+        if config.selection in DATA_CRITERIA:
+            from .calibration import same_selected_weight_sum
+
+            if not same_selected_weight_sum(layer.full_weight_rows(), indices,
+                                            (config.selected_weight_sums or {}).get(name)):
+                other_base.append(name)
+        elif not torch.equal(indices.long(), live_indices.long()) and not is_top_k_selection(
                 layer.full_weight_rows(), indices, config.selection):
             other_base.append(name)
         state_dict[indices_key] = indices.to(live_indices.dtype)
@@ -333,8 +345,11 @@ def _validated_for_load(model, config, adapter_name, state_dict):
     if other_base:
         warnings.warn(
             f"adapter {adapter_name!r}: on {len(other_base)} layer(s) (e.g. {other_base[0]!r}) the stored indices are "
-            "not the largest-magnitude connections of this base model's weights, so it is not the base the adapter "
-            "was trained on. The stored indices are used; check that this is the base you meant."
+            + ("not the largest-magnitude connections of this base model's weights"
+               if config.selection not in DATA_CRITERIA else
+               "on weights whose sum of |W| differs from the one recorded at calibration")
+            + ", so it is not the base the adapter was trained on. The stored indices are used; check that this is "
+            "the base you meant."
         )
     return state_dict
 

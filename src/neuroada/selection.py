@@ -1,7 +1,9 @@
-"""Offline, data-free selection of the trainable connections: k input positions per output neuron.
+"""Offline selection of the trainable connections: k input positions per output neuron.
 
-Everything here is a plain function of a weight tensor laid out as ``[out_features, in_features]`` (one row per
-output neuron). No model, no data, no gradients. Results are canonical so that they can be recomputed at load time
+Everything here is a plain function of a weight tensor (or of a score tensor) laid out as
+``[out_features, in_features]`` (one row per output neuron). No model, no data, no gradients: the data-aware
+criteria (``DATA_CRITERIA``) compute their scores in :mod:`neuroada.calibration` and select with
+:func:`select_top_k_scores`. Results are canonical so that they can be recomputed at load time
 and compared across machines: within a row the selected positions are sorted ascending, and ties in the score are
 broken by the lower input position.
 """
@@ -13,7 +15,9 @@ import zlib
 
 import torch
 
-SELECTION_CRITERIA = ("magnitude", "smallest", "random")
+WEIGHT_CRITERIA = ("magnitude", "smallest", "random")  # computed from the weights alone, at injection
+DATA_CRITERIA = ("activation", "gradient")  # need calibration batches: neuroada.calibrate_selection
+SELECTION_CRITERIA = WEIGHT_CRITERIA + DATA_CRITERIA
 
 # Rows are scored in chunks so that selection never holds more than about this many scores (plus their sort
 # indices) at once, whatever the size of the weight.
@@ -57,7 +61,11 @@ def select_per_neuron(
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if k > in_features:
         raise ValueError(f"k={k} is larger than in_features={in_features}: each neuron has only {in_features} inputs")
-    if criterion not in SELECTION_CRITERIA:
+    if criterion in DATA_CRITERIA:
+        raise ValueError(f"selection criterion {criterion!r} needs calibration data, not only the weight: score the "
+                         "layers with neuroada.calibrate_selection(peft_model, batches), or select from your own "
+                         "scores with select_top_k_scores")
+    if criterion not in WEIGHT_CRITERIA:
         raise ValueError(f"unknown selection criterion {criterion!r}; choose one of {SELECTION_CRITERIA}")
 
     if criterion == "random":
@@ -69,6 +77,22 @@ def select_per_neuron(
             raise ValueError("the weight holds NaN or inf values; magnitude selection would be meaningless")
         chosen = _top_k_rows(weight, k, largest=(criterion == "magnitude"), use_abs=True)
     return chosen.sort(dim=1).values.to(device=weight.device, dtype=index_dtype_for(in_features))
+
+
+def select_top_k_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` positions with the largest score in every row of ``scores`` (``[out_features, in_features]``,
+    floating), with the conventions of :func:`select_per_neuron`: ties to the lower position, rows sorted ascending,
+    :func:`index_dtype_for` ``(in_features)``, on ``scores``' device."""
+    if scores.dim() != 2 or not scores.dtype.is_floating_point:
+        raise ValueError(f"selection needs 2-D floating scores [out_features, in_features], got shape "
+                         f"{tuple(scores.shape)} and dtype {scores.dtype}")
+    if not isinstance(k, int) or not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"k must be an integer in 1..{scores.shape[1]} (the inputs per neuron), got {k!r}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("the selection scores hold NaN or inf values (an overflowing activation or loss?); "
+                         "check the calibration batches")
+    chosen = _top_k_rows(scores, k, largest=True)
+    return chosen.sort(dim=1).values.to(device=scores.device, dtype=index_dtype_for(scores.shape[1]))
 
 
 def _top_k_rows(scores: torch.Tensor, k: int, largest: bool, use_abs: bool = False) -> torch.Tensor:
@@ -109,9 +133,9 @@ def is_top_k_selection(weight: torch.Tensor, indices: torch.Tensor, criterion: s
     """Whether ``indices`` is a top-k selection of ``weight`` by ``criterion`` up to ties: in every row each chosen
     ``|W|`` is at least (for ``"smallest"``: at most) each unchosen one, compared in the weight's own dtype. So the
     same weights stored in another precision pass, where exact ties may have been broken another way; another base
-    does not. ``"random"`` selections do not depend on the weights, so this is False for them: compare the
-    selections themselves."""
-    if criterion == "random":
+    does not. ``"random"`` selections do not depend on the weights, and data-aware ones not on the weights alone, so
+    this is False for them: compare the selections themselves."""
+    if criterion not in ("magnitude", "smallest"):
         return False
     weakest_chosen, strongest_unchosen = _boundary(weight, indices, criterion)
     return bool((weakest_chosen >= strongest_unchosen).all())
@@ -126,7 +150,7 @@ def precision_fragile_rows(weight: torch.Tensor, indices: torch.Tensor, criterio
     rounding can turn the gap between the weakest chosen and the strongest unchosen weight into a tie (or an exact
     tie exists already). An adapter saved without indices stores these rows' indices, so that it reloads on the same
     base in another precision. Returns a 1-D int64 tensor of row numbers (on the CPU)."""
-    if criterion == "random" or indices.shape[1] == weight.shape[1]:
+    if criterion not in ("magnitude", "smallest") or indices.shape[1] == weight.shape[1]:
         return torch.zeros(0, dtype=torch.long)
     weakest_chosen, strongest_unchosen = _boundary(weight, indices, criterion)
     fragile = torch.zeros_like(weakest_chosen, dtype=torch.bool)

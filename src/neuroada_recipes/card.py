@@ -37,7 +37,7 @@ def write_model_card(adapter_dir: str, run, config, command: str, metrics: dict,
         f"# NeuroAda adapter for {base}",
         "",
         "[NeuroAda](https://arxiv.org/abs/2510.18940) (per-neuron top-k bypass deltas beside frozen weights) "
-        f"with k={config.k} ({config.selection} selection) on `{targets}` of `{base}`"
+        f"with k={config.k} ({config.selection} selection{_calibration_text(config)}) on `{targets}` of `{base}`"
         + (f" (loaded from `{run.model_path}`)" if run.model_path != base else "") + ".",
         f"Trainable parameters: {metrics['trainable_parameters']:,} of {metrics['total_parameters']:,}.",
         "",
@@ -77,3 +77,10 @@ def write_model_card(adapter_dir: str, run, config, command: str, metrics: dict,
         handle.write("\n".join(lines))
     return path
 
+
+def _calibration_text(config) -> str:
+    """How much training data a data-aware selection was chosen from (empty for the weight-only criteria)."""
+    record = getattr(config, "calibration", None)
+    if not record:
+        return ""
+    return f", scored on {record['batches']} training batches: {record['samples']} examples, {record['tokens']} tokens"

@@ -27,8 +27,10 @@ from .models import ModelError
 from .recipes import DEFAULT_MODELS, DEFAULT_RECIPE, RECIPES, RUN_DEFAULTS, default_training_arguments
 
 RUN_INFO = "neuroada_run.json"  # beside the adapter: what eval/merge need to rebuild the task
-SELECTIONS = ("magnitude", "smallest", "random")  # neuroada.selection.SELECTION_CRITERIA (a test keeps them equal)
+# neuroada.selection.SELECTION_CRITERIA (a test keeps them equal); the last two are chosen from training batches
+SELECTIONS = ("magnitude", "smallest", "random", "activation", "gradient")
 TRAIN_ONLY = ("recipe", "train_size", "evaluate_before")  # task flags that eval does not take
+DATA_SELECTIONS = ("activation", "gradient")  # neuroada.selection.DATA_CRITERIA
 
 
 class UsageError(ValueError):
@@ -73,8 +75,16 @@ class AdapterArguments:
     k: int = field(default=1, metadata={"help": "Trainable connections per output neuron (at least 1)."})
     target_modules: str = field(default="all-linear", metadata={
         "help": "'all-linear', a regex, or comma-separated module names."})
-    selection: Literal["magnitude", "smallest", "random"] = field(default="magnitude", metadata={
-        "help": "Which connections each neuron trains: largest or smallest |W|, or random."})
+    selection: Literal["magnitude", "smallest", "random", "activation", "gradient"] = field(default="magnitude",
+                                                                                            metadata={
+        "help": "Which connections each neuron trains: largest or smallest |W|, random, or from training batches: "
+                "|W| times the input's norm (activation) or |dL/dW * W| (gradient)."})
+    calibration_batches: int = field(default=8, metadata={
+        "help": "activation/gradient selection: training batches (from the training collator, batch "
+                "--per_device_train_batch_size) to score the connections on."})
+    calibration_memory_mb: Optional[int] = field(default=None, metadata={
+        "help": "gradient selection: MiB for the layers' [out, in] float32 scores per pass over the calibration "
+                "batches. Default: one layer per pass (least memory; one forward and backward per batch and layer)."})
     save_indices: bool = field(default=True, metadata={
         "help": "Store the selected indices in the adapter file ('--save_indices false' stores the deltas only; "
                 "the indices are then recomputed and checked at load)."})
@@ -171,6 +181,10 @@ def check_train_arguments(task: TaskArguments, adapter: AdapterArguments, run: R
                          "'reasoning-gym:<name>'), or a --recipe")
     if adapter.k < 1:
         raise UsageError(f"--k must be at least 1 (trainable connections per neuron), got {adapter.k}")
+    if adapter.calibration_batches < 1:
+        raise UsageError(f"--calibration_batches must be at least 1, got {adapter.calibration_batches}")
+    if adapter.calibration_memory_mb is not None and adapter.calibration_memory_mb < 1:
+        raise UsageError(f"--calibration_memory_mb must be at least 1, got {adapter.calibration_memory_mb}")
     for name in ("test_size", "train_size", "max_length", "max_new_tokens"):
         value = getattr(task, name)
         if value is not None and value < 1:
@@ -232,6 +246,8 @@ def train_command(argv: list[str]) -> int:
 
     before = run.evaluate(model, test_set, "before") if task.evaluate_before else None
     model = get_peft_model(model, config)
+    if config.selection in DATA_SELECTIONS:
+        calibrate(model, train_set, run.collator, adapter_args, training, main_process)
     trainable, total = model.get_nb_trainable_parameters()
 
     trainer = Trainer(model=model, args=training, train_dataset=train_set, data_collator=run.collator,
@@ -268,6 +284,29 @@ def train_command(argv: list[str]) -> int:
         print(f"  adapter               : {adapter_dir} (README.md says how to load it)")
         print(f"  run folder            : {training.output_dir} (config.json, metrics.json, log_history.json)")
     return 0
+
+
+def calibrate(model, train_set, collator, adapter: AdapterArguments, training, main_process: bool) -> None:
+    """A data-aware selection from the first ``num_batches`` of a seeded shuffle of the training split, batched and
+    collated as training is (every process draws the same batches, so all select alike)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from neuroada import calibrate_selection
+
+    num_batches = adapter.calibration_batches
+    loader = DataLoader(train_set, batch_size=training.per_device_train_batch_size, shuffle=True,
+                        collate_fn=collator, generator=torch.Generator().manual_seed(training.seed))
+    if num_batches > len(loader):
+        raise UsageError(f"--calibration_batches {num_batches} is more than the training split holds "
+                         f"({len(loader)} batches of {training.per_device_train_batch_size}); lower it")
+    started = time.time()
+    memory = adapter.calibration_memory_mb
+    record = calibrate_selection(model, loader, num_batches=num_batches,
+                                 max_score_bytes=None if memory is None else memory * 2**20)
+    if main_process:
+        print(f"selection: {model.active_peft_config.selection} on {record['batches']} training batches "
+              f"({record['samples']} examples, {record['tokens']} tokens) in {time.time() - started:.1f} s")
 
 
 def train_help() -> str:
