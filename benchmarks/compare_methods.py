@@ -30,7 +30,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
 
-METHODS = ["neuroada-k1", "neuroada-k8", "neuroada-k20", "lora-r8", "supertuning-k1", "bitfit", "full", "zero-shot"]
+METHODS = ["neuroada-k1", "neuroada-k8", "neuroada-k20", "lora-r8", "supertuning-k1", "bitfit", "full", "zero-shot",
+           # data-aware selection (issue 15): the same k, calibrated on the first batches of the training split
+           "neuroada-k1-activation", "neuroada-k8-activation", "neuroada-k1-gradient", "neuroada-k8-gradient"]
+CALIBRATION_BATCHES = 8
+GRADIENT_SCORE_BYTES = 1 << 30  # every layer of both models in one pass over the batches (fp32 scores)
 REFERENCE = "lora-r8"  # the method every other one is compared with, example by example
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -54,24 +58,34 @@ TASKS = {
                                test=1000),
     "smollm2-legs": dict(recipe="smollm2-legs", steps=70, batch=8, train=2000, validation=200, test=1000),
 }
+for _method in METHODS:  # a data-aware method sweeps the same rates as magnitude at its k
+    if _method.count("-") == 2:
+        SWEEPS[_method] = SWEEPS[_method.rsplit("-", 1)[0]]
+        WIDE_SWEEPS[_method] = WIDE_SWEEPS[_method.rsplit("-", 1)[0]]
 QUICK = dict(steps=8, batch=8, train=64, validation=32, test=32)
 
 
 # ------------------------------------------------------------------------------------------------ one run (worker)
 
 
-def adapt(model, method: str, classification: bool):
+def adapt(model, method: str, classification: bool, calibration_batches=None):
     """The model with ``method`` applied; returns (model, coverage) where coverage counts the output neurons and
-    input positions holding at least one trainable entry (sparse methods only)."""
+    input positions holding at least one trainable entry (sparse methods only). ``calibration_batches``: a
+    callable giving the batches a data-aware selection (``neuroada-k<k>-<criterion>``) is calibrated on."""
     from peft import LoraConfig, SupertuningConfig, get_peft_model
 
     from common import sparsity_matching_k
-    from neuroada import NeuroAdaConfig
+    from neuroada import NeuroAdaConfig, calibrate_selection
 
     task_type = "SEQ_CLS" if classification else "CAUSAL_LM"
     head = {"classifier", "score"}
     if method.startswith("neuroada-k"):
-        model = get_peft_model(model, NeuroAdaConfig(k=int(method.removeprefix("neuroada-k")), task_type=task_type))
+        k, _, criterion = method.removeprefix("neuroada-k").partition("-")
+        model = get_peft_model(model, NeuroAdaConfig(k=int(k), selection=criterion or "magnitude",
+                                                     task_type=task_type))
+        if criterion:
+            calibrate_selection(model, calibration_batches(), num_batches=CALIBRATION_BATCHES,
+                                max_score_bytes=GRADIENT_SCORE_BYTES)
         return model, _coverage(model, "neuroada")
     if method == "lora-r8":
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
@@ -156,10 +170,17 @@ def run_one(spec: dict) -> dict:
                 "metric_name": run.metric_name, "trainable": 0, "total": sum(p.numel() for p in model.parameters()),
                 "train_seconds": 0.0, "wall_seconds": time.time() - started_run, "coverage": None,
                 "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "final_loss": None}
+    def calibration_batches():  # the first batches of the training split, as the Trainer would shuffle them
+        loader = torch.utils.data.DataLoader(train.shuffle(seed=spec["seed"]), batch_size=spec["batch"],
+                                             collate_fn=run.collator)
+        return [batch for _, batch in zip(range(CALIBRATION_BATCHES), loader)]
+
+    started_selection = time.time()
     try:
-        model, coverage = adapt(run.load_base_model(), spec["method"], run.classification)
+        model, coverage = adapt(run.load_base_model(), spec["method"], run.classification, calibration_batches)
     except NotApplicable as reason:
         return {"not_applicable": str(reason)}
+    selection_seconds = time.time() - started_selection
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     args = TrainingArguments(
@@ -187,7 +208,7 @@ def run_one(spec: dict) -> dict:
     scored = run.evaluate(model, test, "test", per_example=True)
     scores = {"validation": curve[spec["steps"]], "test": scored[run.metric_name]}
     return {"scores": scores, "test_hits": scored["hits"], "validation_curve": curve, "metric_name": run.metric_name,
-            "trainable": trainable, "total": total, "train_seconds": seconds,
+            "trainable": trainable, "total": total, "train_seconds": seconds, "adapt_seconds": selection_seconds,
             "wall_seconds": time.time() - started_run,
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "coverage": coverage,
             "final_loss": trainer.state.log_history[-1].get("train_loss")}
@@ -353,6 +374,7 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
                         "validation_halfway_to_end": halfway, **{k: finals[0][k] for k in (
                             "metric_name", "trainable", "total", "coverage")},
                         "train_seconds": statistics.mean(r["train_seconds"] for r in finals),
+                        "adapt_seconds": statistics.mean(r.get("adapt_seconds", float("nan")) for r in finals),
                         "peak_gb": max(r["peak_gb"] for r in finals),
                         "test_hits": [r.get("test_hits") for r in finals], "default_rate": default_row}
         log(f"{method}: lr {best:g}, test {rows[method]['mean']:.4f} +- {rows[method]['std']:.4f}")
@@ -383,7 +405,8 @@ def rule_rate(method: str) -> float | None:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     from neuroada_recipes.recipes import suggested_learning_rate  # the library's rule, without importing torch
 
-    return float(f"{suggested_learning_rate(int(method.removeprefix('neuroada-k'))):.6g}")
+    k = int(method.removeprefix("neuroada-k").split("-")[0])
+    return float(f"{suggested_learning_rate(k):.6g}")
 
 
 def paired_difference(hits: list[list[int]], reference_hits: list[list[int]], resamples: int = BOOTSTRAP_RESAMPLES,
@@ -435,6 +458,13 @@ def markdown(task, spec, seeds, rows) -> str:
         lines.append(f"| {method} | {row['mean']:.4f} +- {row['std']:.4f} | {versus} | {row['trainable']:,} | "
                      f"{100 * row['trainable'] / row['total']:.3f}% | {rate} | {curves or '-'} | "
                      f"{row['train_seconds']:.0f} | {row['peak_gb']:.2f} | {covered} |")
+    calibrated = {m: row for m, row in rows.items() if m.count("-") == 2}
+    if calibrated:
+        lines += ["", f"Data-aware selections are calibrated on {CALIBRATION_BATCHES} training batches; seconds to "
+                  "build the adapter (selection and calibration included), mean over seeds: " + ", ".join(
+                      f"{m} {row['adapt_seconds']:.1f}" for m, row in calibrated.items())
+                  + "; magnitude: " + ", ".join(f"{m} {row['adapt_seconds']:.1f}" for m, row in rows.items()
+                                                if m.startswith("neuroada-k") and m.count("-") == 1) + "."]
     ruled = {m: row for m, row in rows.items() if row.get("default_rate")}
     if ruled:
         lines += ["", "The default learning rate (`neuroada.suggested_learning_rate(k)`, no sweep) against the swept "
