@@ -507,9 +507,13 @@ def plot_sensitivity(out: str, tasks: list[str], path: str) -> None:
                         if report["methods"] else "validation")
         axis.set_title(f"{task} ({report['spec']['steps']} steps)")
         axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+    labels = {}
+    for axis in axes[0]:  # one legend for all panels, beside them (methods differ between tasks)
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    figure.legend(list(labels.values()), list(labels), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     print(f"wrote {path}")
 
 
