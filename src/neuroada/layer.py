@@ -54,6 +54,9 @@ class NeuroAdaLayer(BaseTunerLayer):
         # restores the base weight bit for bit (subtracting delta again would not, in bf16). Buffers, so that
         # .to() / .half() move and cast them with the weight; not persistent, so never saved.
         self._merged_originals = BufferDict(persistent=False)
+        # The int64 positions each merged adapter was written at: unmerge restores exactly those, also if the indices
+        # were loaded anew meanwhile, without converting them again.
+        self._merged_columns: dict[str, torch.Tensor] = {}
         # Rows whose selection a bf16/fp16 copy of the base could break differently (ties after rounding), with
         # their indices: what an adapter saved without indices stores so that it reloads in another precision.
         self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -107,7 +110,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         if self.merged_adapters:
             rows = rows.clone()
             for name in reversed(self.merged_adapters):
-                rows.scatter_(1, self.neuroada_indices[name].long(), self._merged_originals[name].to(rows))
+                rows.scatter_(1, self._merged_columns[name].to(rows.device), self._merged_originals[name].to(rows))
         return rows
 
     def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
@@ -172,19 +175,20 @@ class NeuroAdaLayer(BaseTunerLayer):
         base_weight = self.get_base_layer().weight
         if base_weight.is_meta:
             raise ValueError("cannot merge into a weight on the meta device; load the base weights first")
-        with sharding.writable_whole([base_weight, *self.neuroada_delta.values()]):
-            rows = self.weight_rows()
-            for name in adapter_names:
-                if name not in self.neuroada_delta:
-                    continue
+        adapter_names = [name for name in adapter_names if name in self.neuroada_delta]
+        deltas = [self.neuroada_delta[name] for name in adapter_names]
+        with sharding.writable_whole([base_weight, *deltas]):
+            rows = base_weight.data.T if self.is_conv1d else base_weight.data  # weight_rows(), inside the gather
+            for name, delta in zip(adapter_names, deltas):
                 indices = self.neuroada_indices[name].long()
                 original = rows.gather(1, indices)
-                merged = (original.float() + self.neuroada_delta[name].detach().float()).to(rows.dtype)
+                merged = (original.float() + delta.detach().float()).to(rows.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"merging adapter {name!r} would put NaN/inf into the weight; the adapter is "
                                      "broken")
                 rows.scatter_(1, indices, merged)
                 self._merged_originals[name] = original
+                self._merged_columns[name] = indices
                 self.merged_adapters.append(name)
 
     def _merge_quantized(self, adapter_names: list[str], safe_merge: bool, sign: float = 1.0) -> None:
@@ -212,12 +216,14 @@ class NeuroAdaLayer(BaseTunerLayer):
             self._merge_quantized(list(reversed(self.merged_adapters)), safe_merge=False, sign=-1.0)
             self.merged_adapters.clear()
             return
-        with sharding.writable_whole([self.get_base_layer().weight]):
-            rows = self.weight_rows()
+        base_weight = self.get_base_layer().weight
+        with sharding.writable_whole([base_weight]):
+            rows = base_weight.data.T if self.is_conv1d else base_weight.data  # weight_rows(), inside the gather
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 original = self._merged_originals.pop(name)
-                rows.scatter_(1, self.neuroada_indices[name].long(), original.to(device=rows.device, dtype=rows.dtype))
+                columns = self._merged_columns.pop(name).to(rows.device)
+                rows.scatter_(1, columns, original.to(device=rows.device, dtype=rows.dtype))
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.neuroada_delta:
