@@ -263,7 +263,7 @@ class _LayerWalk:
     - it is the same model object (a deep copy gets its own walk).
 
     Accelerate hooks are plain attributes that no assignment reports, so whether a layer is offloaded is looked up
-    on the layer's own modules at every call (where PEFT's onload_layer looks) instead of being kept."""
+    at every call, in the attributes of each layer and of its direct children (where PEFT's onload_layer looks)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -277,13 +277,15 @@ class _LayerWalk:
                     found.add(id(child))
                     self.layers.append(child)
                     self.places.append((parent._modules, name))
+        # the attribute dicts of each layer and its direct children (base layer, delta and index dicts)
+        self.attributes = [vars(module) for layer in self.layers for module in (layer, *layer._modules.values())]
 
     def still_current(self, model: nn.Module) -> bool:
         return (model is self.model and self.assignments == _assignment_count[0]
                 and all(children.get(name) is layer for (children, name), layer in zip(self.places, self.layers)))
 
     def offloaded(self) -> bool:
-        return any("_hf_hook" in vars(module) for layer in self.layers for module in (layer, *layer._modules.values()))
+        return any("_hf_hook" in attributes for attributes in self.attributes)
 
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):
