@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
@@ -17,7 +18,8 @@ from . import quantized, sharding
 from .bypass import (SparsePattern, build_pattern, choose_backend, dense_matrix, keeps_columns, linear_with_bypass,
                      sparse_bypass)
 from .config import NeuroAdaConfig
-from .selection import layer_seed, precision_fragile_rows, select_per_neuron, selection_fingerprint
+from .selection import (index_dtype_for, layer_seed, precision_fragile_rows, select_per_neuron,
+                        selection_fingerprint)
 
 
 # Mixed-adapter batches: adapters that share a selection are computed together by one gather while it holds at most
@@ -28,6 +30,90 @@ _SHARED_GATHER_MAX_ENTRIES = 1 << 24
 
 def supports(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+_placeholders_visible = [0]  # > 0 inside deferred_selections_kept()
+
+
+@contextlib.contextmanager
+def deferred_selections_kept():
+    """Inside, reading a deferred selection (``state_dict()``, ``neuroada_indices[name]``) gives its placeholder
+    instead of computing it: for PEFT's plumbing between injecting an adapter and loading its weights, which reads
+    only keys, shapes and dtypes."""
+    _placeholders_visible[0] += 1
+    try:
+        yield
+    finally:
+        _placeholders_visible[0] -= 1
+
+
+class _Selections(BufferDict):
+    """``neuroada_indices``: a BufferDict whose entries can be *deferred*: registered as a placeholder of the right
+    shape and dtype, with the selection computed by its first reader, unless indices are written first (assigned, or
+    loaded by ``load_state_dict``). An adapter loaded with stored indices is injected this way: selecting on every
+    layer (a sort of every weight row) would be thrown away when the file's indices are loaded over it."""
+
+    def __init__(self) -> None:
+        super().__init__(persistent=True)
+        self._deferred: dict[str, Any] = {}  # name -> a callable returning the selection
+
+    def defer(self, key: str, placeholder: torch.Tensor, select) -> None:
+        self[key] = placeholder
+        self._deferred[key] = select
+
+    def is_deferred(self, key: str) -> bool:
+        return key in self._deferred
+
+    def settled(self, key: str) -> torch.Tensor:
+        """The selection ``key``, computed now if it was deferred (also inside deferred_selections_kept)."""
+        if key in self._deferred:
+            selection = self._deferred[key]()
+            del self._deferred[key]
+            super().__setitem__(key, selection.to(self._buffers[key].device))
+        return self._buffers[key]
+
+    def _settle_all(self) -> None:
+        if not _placeholders_visible[0]:
+            for key in list(self._deferred):
+                self.settled(key)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._deferred and not _placeholders_visible[0]:
+            return self.settled(key)
+        return self._buffers[key]
+
+    def __setitem__(self, key: str, buffer: torch.Tensor) -> None:
+        self._deferred.pop(key, None)
+        super().__setitem__(key, buffer)
+
+    def __delitem__(self, key: str) -> None:
+        self._deferred.pop(key, None)
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self._deferred.clear()
+        super().clear()
+
+    def items(self):
+        self._settle_all()
+        return super().items()
+
+    def values(self):
+        self._settle_all()
+        return super().values()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self._settle_all()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) == errors:  # (otherwise load_state_dict raises)
+            for key in [key for key in self._deferred if prefix + key in state_dict]:
+                del self._deferred[key]  # the loaded indices are the selection
 
 
 class NeuroAdaLayer(BaseTunerLayer):
@@ -48,7 +134,7 @@ class NeuroAdaLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.neuroada_delta = nn.ParameterDict({})
-        self.neuroada_indices = BufferDict(persistent=True)
+        self.neuroada_indices = _Selections()
         self.bypass_backend: dict[str, str] = {}
         # Original weight entries at the selected positions, kept while an adapter is merged so that unmerge
         # restores the base weight bit for bit (subtracting delta again would not, in bf16). Buffers, so that
@@ -115,23 +201,60 @@ class NeuroAdaLayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
         k = min(config.k, self.in_features)
-        rows = self.full_weight_rows()
-        indices = select_per_neuron(rows, k, config.selection, seed=layer_seed(config.seed, module_name))
-        if not config.save_indices:  # computed now, while every process holds the whole weight
-            self.pinned_rows[adapter_name] = self._pinned(rows, indices, config.selection)
-        if config.init_weights:
-            delta = torch.zeros(self.out_features, k, dtype=torch.float32, device=rows.device)
+        select = functools.partial(self._select, k, config.selection, layer_seed(config.seed, module_name))
+        if self._loads_stored_indices(config):
+            indices = None
+            device = self.get_base_layer().weight.device
         else:
-            delta = torch.randn(self.out_features, k, dtype=torch.float32, device=rows.device) * 0.02
+            rows = self.full_weight_rows()
+            indices = select(rows)
+            device = rows.device
+            if not config.save_indices:  # computed now, while every process holds the whole weight
+                self.pinned_rows[adapter_name] = self._pinned(rows, indices, config.selection)
+        if config.init_weights:
+            delta = torch.zeros(self.out_features, k, dtype=torch.float32, device=device)
+        else:
+            delta = torch.randn(self.out_features, k, dtype=torch.float32, device=device) * 0.02
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
         layer = weakref.ref(self)
         self.neuroada_delta[adapter_name].register_post_accumulate_grad_hook(
             lambda _: layer() is not None and layer().end_input_learning())
         sharding.register_with_zero3(self, self.neuroada_delta[adapter_name], self.get_base_layer().weight)
-        self.neuroada_indices[adapter_name] = indices
+        if indices is None:
+            placeholder = torch.zeros(self.out_features, k, dtype=index_dtype_for(self.in_features), device=device)
+            self.neuroada_indices.defer(adapter_name, placeholder, select)
+        else:
+            self.neuroada_indices[adapter_name] = indices
         self._patterns.pop(adapter_name, None)
         self.bypass_backend[adapter_name] = config.bypass_backend
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _select(self, k: int, criterion: str, seed: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return select_per_neuron(self.full_weight_rows() if rows is None else rows, k, criterion, seed=seed)
+
+    def _loads_stored_indices(self, config: NeuroAdaConfig) -> bool:
+        """Whether ``config`` comes with a saved adapter that holds its indices (``selection_fingerprints`` are
+        written at save time), so that selecting now can wait: the load writes the stored indices, and the selection
+        is computed only if something reads the indices first (see :class:`_Selections`). Only for a plain weight
+        here in memory: a sharded one is gathered by collectives that every process must run at the same point."""
+        weight = self.get_base_layer().weight
+        return (bool(config.save_indices and config.selection_fingerprints) and not self.quantization
+                and not weight.is_meta and not isinstance(weight, sharding.DTensor)
+                and not sharding.is_zero3_partitioned(weight))
+
+    def selected_base_values(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The base weight at ``adapter_name``'s selected positions, ``W[i, idx[i, j]]`` as ``[out_features, k]``
+        float16 on the CPU (without merged deltas), which an adapter saved with indices stores so that a load can
+        tell its base in O(out * k). None where the weight is sharded or quantized: reading it whole there costs a
+        gather (a collective a save on one process must not run) or a dequantisation, and those loads check the
+        selection instead."""
+        weight = self.get_base_layer().weight
+        if self.quantization or weight.is_meta or isinstance(weight, sharding.DTensor) or sharding.is_zero3_partitioned(
+                weight):
+            return None
+        rows = self.full_weight_rows()
+        indices = self.neuroada_indices[adapter_name]
+        return rows.gather(1, indices.to(device=rows.device, dtype=torch.long)).to("cpu", torch.float16)
 
     def pinned_rows_for(self, adapter_name: str, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of ``adapter_name``'s selection that a bf16/fp16 copy of the base could break differently, and

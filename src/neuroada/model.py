@@ -13,15 +13,20 @@ from peft.tuners.tuners_utils import BaseTuner, onload_layer
 from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from . import sharding
 from .bypass import check_indices
-from .layer import NeuroAdaLayer, NeuroAdaLinear, supports
-from .selection import is_top_k_selection, selection_fingerprint
+from .layer import NeuroAdaLayer, NeuroAdaLinear, deferred_selections_kept, supports
+from .selection import index_dtype_for, is_top_k_selection, selection_fingerprint
 
 _PEFT_MODEL_PREFIX = "base_model.model."
 # Keys of an adapter saved without indices: the rows whose indices are stored anyway (see precision_fragile_rows).
 _PINNED_ROWS = "neuroada_pinned_rows"
 _PINNED_INDICES = "neuroada_pinned_indices"
+# Key of an adapter saved with indices: the base weight at each selected position, W[i, idx[i, j]], in float16
+# (2 bytes, and readable by numpy, unlike bfloat16).
+_BASE_VALUES = "neuroada_base_values"
 
 
 class AdapterLoadError(ValueError):
@@ -80,6 +85,11 @@ class NeuroAdaModel(BaseTuner):
             self._replace_module(parent, target_name, layer, target)
         if config.k > layer.in_features:
             self._capped_layers.append(current_key)
+
+    def _cast_adapter_dtype(self, *args, **kwargs) -> None:
+        # PEFT reads every adapter buffer's dtype right after injection, before a load writes deferred selections
+        with deferred_selections_kept():
+            super()._cast_adapter_dtype(*args, **kwargs)
 
     def _undo_adapter(self, adapter_name: str) -> None:
         """Take back everything that injecting ``adapter_name`` did, so that a failed injection or load leaves the
@@ -218,7 +228,13 @@ class NeuroAdaModel(BaseTuner):
                     "state_dict=engine._zero3_consolidated_16bit_state_dict() to save_pretrained.")
             if not torch.isfinite(value).all():
                 raise ValueError(f"adapter {adapter_name!r}: layer {layer_name!r} holds NaN/inf deltas; nothing was saved")
-        if not config.save_indices:
+        if config.save_indices:
+            # what a load checks its base by in O(out * k): the base weights at the selected positions
+            for name, layer in layers.items():
+                values = layer.selected_base_values(adapter_name)
+                if values is not None:
+                    selected[f"{_PEFT_MODEL_PREFIX}{name}.{_BASE_VALUES}"] = values.contiguous()
+        else:
             selected = {key: value for key, value in selected.items() if ".neuroada_indices" not in key}
             # The rows a bf16/fp16 copy of the base could select differently, with their indices, so that the
             # adapter reloads on the same weights in another precision (usually a small share of the rows).
@@ -230,9 +246,12 @@ class NeuroAdaModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # (PEFT reads the model's state dict keys here, which must not compute the selections a load defers)
+        with deferred_selections_kept():
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         try:
-            return _validated_for_load(model, config, adapter_name, remapped)
+            with deferred_selections_kept():
+                return _validated_for_load(model, config, adapter_name, remapped)
         except AdapterLoadError:
             tuner = getattr(model, "base_model", None)
             if isinstance(tuner, NeuroAdaModel):
@@ -319,6 +338,7 @@ def _validated_for_load(model, config, adapter_name, state_dict):
         indices_key = f"{prefix}{name}.neuroada_indices.{adapter_name}"
         pinned = (state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_ROWS}", None),
                   state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_INDICES}", None))
+        base_values = state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_BASE_VALUES}", None)
         expected_shape = tuple(layer.neuroada_delta[adapter_name].shape)
         if delta_key not in state_dict:
             raise AdapterLoadError(
@@ -331,12 +351,11 @@ def _validated_for_load(model, config, adapter_name, state_dict):
                 f"this base the layer needs {expected_shape} ([out_features, k]); the adapter was trained on a base "
                 "with other shapes. Load it on the base model it was trained on."
             )
-        live_indices = layer.neuroada_indices[adapter_name]
         recorded = (config.selection_fingerprints or {}).get(name)
         if not config.save_indices:
             # recomputed from this base at injection; the rows that rounding could have broken differently come
             # from the file
-            indices = _with_pinned_rows(live_indices, *pinned, name)
+            indices = _with_pinned_rows(layer.neuroada_indices[adapter_name], *pinned, name)
             if recorded is not None and recorded != selection_fingerprint(indices):
                 fingerprint_mismatches.append(name)
             state_dict[indices_key] = indices
@@ -362,12 +381,19 @@ def _validated_for_load(model, config, adapter_name, state_dict):
                 f"layer {name!r}: the stored indices do not match the fingerprint in adapter_config.json; the two "
                 "files come from different saves or the weights file is damaged. Save the adapter again."
             )
-        # Equal to this base's own selection, or a top-k of it up to ties (the same weights in another precision):
-        # this is the base. Otherwise the stored indices still apply, but the user should know.
-        if not torch.equal(indices.long(), live_indices.long()) and not is_top_k_selection(
-                layer.full_weight_rows(), indices, config.selection):
-            other_base.append(name)
-        state_dict[indices_key] = indices.to(live_indices.dtype)
+        if base_values is not None and tuple(base_values.shape) != expected_shape:
+            raise AdapterLoadError(f"layer {name!r}: the stored base values have shape {tuple(base_values.shape)}, "
+                                   f"expected {expected_shape}; the file is damaged or from another model.")
+        # This is the base if its weights at the stored positions are those saved with the adapter (O(out * k), the
+        # selection of a load with stored indices is not computed at all), else if the stored indices are this
+        # base's own selection or a top-k of it up to ties (the same weights in another precision; files saved
+        # without base values). Otherwise the stored indices still apply, but the user should know.
+        if not (base_values is not None and _same_base_values(layer, indices, base_values)):
+            live_indices = layer.neuroada_indices.settled(adapter_name)  # computed now if the injection deferred it
+            if not torch.equal(indices.long(), live_indices.long()) and not is_top_k_selection(
+                    layer.full_weight_rows(), indices, config.selection):
+                other_base.append(name)
+        state_dict[indices_key] = indices.to(index_dtype_for(layer.in_features))
     if fingerprint_mismatches:
         raise AdapterLoadError(_fingerprint_message(fingerprint_mismatches, adapter_name))
     known = {f"{prefix}{name}.neuroada_{kind}.{adapter_name}" for name in layers for kind in ("delta", "indices")}
@@ -384,6 +410,25 @@ def _validated_for_load(model, config, adapter_name, state_dict):
             "was trained on. The stored indices are used; check that this is the base you meant."
         )
     return state_dict
+
+
+# Tolerance of the base values check: a value saved in float16 (rounded by at most 2^-11 of itself) against the same
+# weight in float32, float16 or bfloat16 (at most 2^-8), possibly rounded through float16 on the way (2^-11): less
+# than 2^-7 in all; an unrelated base differs by far more. The absolute term covers float16's subnormal values. A
+# weight beyond float16's range was saved as inf and never matches (the load then checks the selection instead).
+_BASE_VALUES_RTOL, _BASE_VALUES_ATOL = 2.0**-7, 2.0**-24
+
+
+def _same_base_values(layer: NeuroAdaLayer, indices: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Whether this base's weights at ``indices`` are the ones saved with the adapter, up to the rounding of another
+    precision. False where the weight is sharded or quantized (the caller then falls back on the selection check)."""
+    weight = layer.get_base_layer().weight
+    if layer.quantization or weight.is_meta or isinstance(weight, DTensor) or sharding.is_zero3_partitioned(weight):
+        return False
+    rows = layer.full_weight_rows()
+    live = rows.gather(1, indices.to(device=rows.device, dtype=torch.long)).float()
+    stored = stored.to(device=live.device, dtype=torch.float32)
+    return bool(torch.isclose(live, stored, rtol=_BASE_VALUES_RTOL, atol=_BASE_VALUES_ATOL).all())
 
 
 def _with_pinned_rows(indices: torch.Tensor, rows, pinned_indices, layer_name: str) -> torch.Tensor:
