@@ -236,11 +236,12 @@ class NeuroAdaLayer(BaseTunerLayer):
         """Whether ``config`` comes with a saved adapter that holds its indices (``selection_fingerprints`` are
         written at save time), so that selecting now can wait: the load writes the stored indices, and the selection
         is computed only if something reads the indices first (see :class:`_Selections`). Only for a plain weight
-        here in memory: a sharded one is gathered by collectives that every process must run at the same point."""
+        here in memory and no DeepSpeed ZeRO-3: a sharded weight is gathered by collectives that every process must
+        run at the same point, which a first read need not be."""
         weight = self.get_base_layer().weight
         return (bool(config.save_indices and config.selection_fingerprints) and not self.quantization
                 and not weight.is_meta and not isinstance(weight, sharding.DTensor)
-                and not sharding.is_zero3_partitioned(weight))
+                and not sharding.is_zero3_partitioned(weight) and not sharding._zero3_enabled())
 
     def selected_base_values(self, adapter_name: str) -> Optional[torch.Tensor]:
         """The base weight at ``adapter_name``'s selected positions, ``W[i, idx[i, j]]`` as ``[out_features, k]``
