@@ -32,6 +32,14 @@ def supports(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def _version_of(tensor: torch.Tensor) -> Optional[int]:
+    """The tensor's version counter (bumped by every in-place write), None for an inference-mode tensor (none kept)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 _placeholders_visible = [0]  # > 0 inside deferred_selections_kept()
 
 
@@ -146,6 +154,9 @@ class NeuroAdaLayer(BaseTunerLayer):
         # Rows whose selection a bf16/fp16 copy of the base could break differently (ties after rounding), with
         # their indices: what an adapter saved without indices stores so that it reloads in another precision.
         self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # The base weight at each adapter's selected positions, taken where the selection was computed (see
+        # selected_base_values), with the indices tensor and version they belong to.
+        self._base_values: dict[str, tuple[torch.Tensor, Optional[int], torch.Tensor]] = {}
         self._patterns: dict[str, SparsePattern] = {}
         self._selection_keys: dict[str, tuple[SparsePattern, str]] = {}  # see _selection_key (mixed batches)
         # Whether another adapted layer reads the same input tensor (q/k/v, gate/up): "learning" in the forwards
@@ -211,6 +222,9 @@ class NeuroAdaLayer(BaseTunerLayer):
             device = rows.device
             if not config.save_indices:  # computed now, while every process holds the whole weight
                 self.pinned_rows[adapter_name] = self._pinned(rows, indices, config.selection)
+            else:  # likewise, for a save from one process of a sharded model
+                self._base_values[adapter_name] = (indices, _version_of(indices),
+                                                   self._gather_base_values(rows, indices))
         if config.init_weights:
             delta = torch.zeros(self.out_features, k, dtype=torch.float32, device=device)
         else:
@@ -246,15 +260,22 @@ class NeuroAdaLayer(BaseTunerLayer):
     def selected_base_values(self, adapter_name: str) -> Optional[torch.Tensor]:
         """The base weight at ``adapter_name``'s selected positions, ``W[i, idx[i, j]]`` as ``[out_features, k]``
         float16 on the CPU (without merged deltas), which an adapter saved with indices stores so that a load can
-        tell its base in O(out * k). None where the weight is sharded or quantized: reading it whole there costs a
-        gather (a collective a save on one process must not run) or a dequantisation, and those loads check the
+        tell its base in O(out * k). Taken when the selection was computed, while the indices are still that tensor
+        unchanged; else read now, except from a sharded or quantized weight (a gather is a collective that a save on
+        one process must not run; a dequantisation costs O(weights)): None there, and loads of the file check the
         selection instead."""
+        indices = self.neuroada_indices[adapter_name]
+        kept = self._base_values.get(adapter_name)
+        if kept is not None and kept[0] is indices and kept[1] is not None and kept[1] == _version_of(indices):
+            return kept[2]
         weight = self.get_base_layer().weight
         if self.quantization or weight.is_meta or isinstance(weight, sharding.DTensor) or sharding.is_zero3_partitioned(
                 weight):
             return None
-        rows = self.full_weight_rows()
-        indices = self.neuroada_indices[adapter_name]
+        return self._gather_base_values(self.full_weight_rows(), indices)
+
+    @staticmethod
+    def _gather_base_values(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return rows.gather(1, indices.to(device=rows.device, dtype=torch.long)).to("cpu", torch.float16)
 
     def pinned_rows_for(self, adapter_name: str, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,6 +377,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._patterns.pop(adapter_name, None)
         self._selection_keys.pop(adapter_name, None)
         self.pinned_rows.pop(adapter_name, None)
+        self._base_values.pop(adapter_name, None)
 
 
 @functools.lru_cache(maxsize=16)
