@@ -196,9 +196,9 @@ class NeuroAdaModel(BaseTuner):
         return self._layers_and_offload()[0]
 
     def _layers_and_offload(self) -> tuple[list[NeuroAdaLayer], bool]:
-        """The NeuroAda layers, and whether any of them has offloaded parts (accelerate hooks). Both come from a walk
-        of the whole model (about 1000 modules on a 30-block model, as much time as switching a k=1 adapter), kept
-        while it is provably still the model's tree; see :class:`_LayerWalk`."""
+        """The NeuroAda layers, and whether any of them has offloaded parts (accelerate hooks). The layers come from
+        a walk of the whole model (about 1000 modules on a 30-block model: as much time as switching a k=1 adapter
+        took), kept while it is provably still the model's tree; see :class:`_LayerWalk`."""
         walk = self.__dict__.get("_layer_walk")
         if walk is None or not walk.still_current(self.model):
             walk = self.__dict__["_layer_walk"] = _LayerWalk(self.model)
