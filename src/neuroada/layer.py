@@ -181,6 +181,16 @@ class NeuroAdaLayer(BaseTunerLayer):
         else:
             self.in_features, self.out_features = base.in_features, base.out_features
 
+    def get_base_layer(self) -> nn.Module:
+        """PEFT's (the innermost ``base_layer``), without the failed attribute lookup that PEFT's ``hasattr`` makes
+        on the plain layer at the bottom (``Module.__getattr__`` raising AttributeError: several times a k=1 layer's
+        gather and scatter when switching a merged adapter)."""
+        base = self._modules["base_layer"]
+        while ("base_layer" in base._modules or "base_layer" in base.__dict__
+               or hasattr(type(base), "base_layer")):
+            base = base.base_layer
+        return base
+
     def weight_rows(self) -> torch.Tensor:
         """The base weight's data as ``[out_features, in_features]`` (a view: writes go to the weight)."""
         weight = self.get_base_layer().weight.data
@@ -327,12 +337,18 @@ class NeuroAdaLayer(BaseTunerLayer):
             for name, delta in zip(adapter_names, deltas):
                 indices = self.neuroada_indices[name].long()
                 original = rows.gather(1, indices)
-                merged = (original.float() + delta.detach().float()).to(rows.dtype)
+                delta = delta.detach()
+                if original.dtype == delta.dtype == torch.float32:  # (the casts below cost more than the add)
+                    merged = original + delta
+                else:
+                    merged = (original.float() + delta.float()).to(rows.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"merging adapter {name!r} would put NaN/inf into the weight; the adapter is "
                                      "broken")
                 rows.scatter_(1, indices, merged)
-                self._merged_originals[name] = original
+                # = self._merged_originals[name] = original (register_buffer's checks cost more than the scatter)
+                self._merged_originals._buffers[name] = original
+                self._merged_originals._non_persistent_buffers_set.add(name)
                 self._merged_columns[name] = indices
                 self.merged_adapters.append(name)
 
@@ -367,8 +383,11 @@ class NeuroAdaLayer(BaseTunerLayer):
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 original = self._merged_originals.pop(name)
-                columns = self._merged_columns.pop(name).to(rows.device)
-                rows.scatter_(1, columns, original.to(device=rows.device, dtype=rows.dtype))
+                columns = self._merged_columns.pop(name)
+                if original.device != rows.device or original.dtype != rows.dtype:  # moved or cast while merged
+                    original = original.to(device=rows.device, dtype=rows.dtype)
+                    columns = columns.to(rows.device)
+                rows.scatter_(1, columns, original)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.neuroada_delta:
