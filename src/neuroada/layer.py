@@ -69,9 +69,6 @@ class _Selections(BufferDict):
         self[key] = placeholder
         self._deferred[key] = select
 
-    def is_deferred(self, key: str) -> bool:
-        return key in self._deferred
-
     def settled(self, key: str) -> torch.Tensor:
         """The selection ``key``, computed now if it was deferred (also inside deferred_selections_kept)."""
         if key in self._deferred:
