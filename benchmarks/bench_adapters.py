@@ -7,7 +7,8 @@ all seven projections adapted), fp32 on CPU.
 - switch: with one adapter merged, unmerge it and merge another one of the same kind (NeuroAda k=1 and k=20: a
   scatter of the [out, k] selected entries; LoRA r=8: W += B A, a dense [out, in] product per layer), against
   reloading the weights of a merged model from a safetensors file (in the page cache);
-- load: ``load_adapter`` of a saved NeuroAda k=1 adapter (once: it runs the selection on every layer);
+- load: ``load_adapter`` of a saved NeuroAda k=1 adapter (once; with its stored indices it selects nothing, it
+  checks the base by the base weights stored at the selected positions);
 - mixed batch: one forward of 32 sequences whose samples are spread over 1, 4 or 32 adapters (sample ``i`` gets
   adapter ``i % n``) with PEFT's ``adapter_names=``, NeuroAda k=1 against LoRA r=8, for ``--seq`` tokens per
   sequence (prefill) and for 1 token per sequence (a decoding step's shape, without a KV cache);
@@ -55,7 +56,7 @@ def base_model(smoke: bool):
 def add_neuroada_copies(model, source: str, names: list[str]) -> None:
     """More adapters of ``source``'s config with random deltas. The same k and criterion on the same base select
     the same connections, so the selection is copied rather than computed again (which costs as much as the
-    first one, see the load row): what ``add_adapter`` would build, minus that time."""
+    first one): what ``add_adapter`` would build, minus that time."""
     from neuroada import NeuroAdaLayer
 
     for name in names:

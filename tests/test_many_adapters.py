@@ -312,3 +312,99 @@ def test_merge_onloads_layers_only_where_accelerate_hooks_exist(monkeypatch):
     model.merge_adapter(["math"])
     model.unmerge_adapter()
     assert onloaded == layers(model) * 2
+
+
+# merge_adapter / unmerge_adapter keep the list of NeuroAda layers between calls (neuroada.model._LayerWalk); each
+# test below first merges and unmerges once so that a list is kept, then changes the model behind it.
+
+def keep_layer_walk(model):
+    model.merge_adapter(["math"])
+    model.unmerge_adapter()
+
+
+def test_merge_after_add_adapter_on_more_modules_merges_the_new_layers(batch):
+    model = get_peft_model(MODEL_FACTORIES["llama"](), NeuroAdaConfig(k=2, target_modules=["q_proj"]), "math").eval()
+    keep_layer_walk(model)
+    model.add_adapter("more", NeuroAdaConfig(k=2, target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.set_adapter("more")
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.neuroada_delta["more"].mul_(10)
+        expected = model(input_ids=batch).logits
+        model.merge_adapter(["more"])
+        merged = model(input_ids=batch).logits
+    assert all(layer.merged for layer in layers(model) if "more" in layer.neuroada_delta)
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["setattr", "_modules", "del"])
+def test_merge_leaves_alone_a_layer_the_user_took_out(how):
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    keep_layer_walk(model)
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, NeuroAdaLayer))
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    plain = layer.get_base_layer()
+    before = plain.weight.detach().clone()
+    if how == "setattr":
+        setattr(parent, child, plain)
+    elif how == "_modules":  # bypasses Module.__setattr__ and its registration hooks
+        parent._modules[child] = plain
+    else:
+        delattr(parent, child)
+    model.merge_adapter(["math"])
+    assert not layer.merged and torch.equal(plain.weight, before)
+    assert all(other.merged for other in layers(model))
+
+
+def test_merge_reaches_layers_added_to_a_module_list(batch):
+    import copy
+
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    keep_layer_walk(model)
+    blocks = model.base_model.model.model.layers
+    blocks.append(copy.deepcopy(blocks[-1]))
+    model.base_model.model.config.num_hidden_layers += 1
+    model.set_adapter("math")
+    with torch.no_grad():
+        expected = model(input_ids=batch).logits
+        model.merge_adapter(["math"])
+        merged = model(input_ids=batch).logits
+    assert all(layer.merged for layer in layers(model))
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_on_a_deep_copy_writes_the_copy_only(batch):
+    import copy
+
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    keep_layer_walk(model)
+    before = {name: w.detach().clone() for name, w in base_weights(model).items()}
+    twin = copy.deepcopy(model)
+    twin.merge_adapter(["math"])
+    assert all(layer.merged for layer in layers(twin)) and not any(layer.merged for layer in layers(model))
+    for name, weight in base_weights(model).items():
+        assert torch.equal(weight, before[name]), name
+
+
+def test_merge_after_delete_adapter_gives_the_remaining_adapter(batch):
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    keep_layer_walk(model)
+    model.delete_adapter("math")
+    model.set_adapter("code")
+    with torch.no_grad():
+        expected = model(input_ids=batch).logits
+        model.merge_adapter(["code"])
+        torch.testing.assert_close(model(input_ids=batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unmerge_restores_the_entries_merged_even_if_the_indices_were_loaded_anew():
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    model.add_adapter("random", NeuroAdaConfig(k=2, selection="random", seed=9))  # same shape as "math", other places
+    before = {name: w.detach().clone() for name, w in base_weights(model).items()}
+    model.merge_adapter(["math"])
+    model.load_state_dict({key.replace(".random", ".math"): value for key, value in model.state_dict().items()
+                           if key.endswith("neuroada_indices.random")}, strict=False)
+    model.unmerge_adapter()
+    for name, weight in base_weights(model).items():
+        assert torch.equal(weight, before[name]), name

@@ -92,7 +92,8 @@ def test_sft_trains_only_the_deltas_and_saves_an_adapter_peft_reloads(tiny_llama
     trainer.save_model(str(folder))
     assert not (folder / "model.safetensors").exists()
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
-        assert {key.rsplit(".", 1)[-1] for key in handle.keys()} == {"neuroada_delta", "neuroada_indices"}
+        assert {key.rsplit(".", 1)[-1] for key in handle.keys()} == {"neuroada_delta", "neuroada_indices",
+                                                                "neuroada_base_values"}
     reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_llama_dir), str(folder)).eval()
     trained = plain_forward(trainer).eval()
     tokens = torch.tensor([tokenizer("3 plus 4 is 7.")["input_ids"]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
@@ -17,7 +18,8 @@ from . import learning_rate, quantized, sharding
 from .bypass import (SparsePattern, build_pattern, choose_backend, dense_matrix, keeps_columns, linear_with_bypass,
                      sparse_bypass)
 from .config import NeuroAdaConfig
-from .selection import DATA_CRITERIA, layer_seed, precision_fragile_rows, select_per_neuron, selection_fingerprint
+from .selection import (DATA_CRITERIA, index_dtype_for, layer_seed, precision_fragile_rows, select_per_neuron,
+                        selection_fingerprint)
 
 
 # Mixed-adapter batches: adapters that share a selection are computed together by one gather while it holds at most
@@ -28,6 +30,95 @@ _SHARED_GATHER_MAX_ENTRIES = 1 << 24
 
 def supports(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _version_of(tensor: torch.Tensor) -> Optional[int]:
+    """The tensor's version counter (bumped by every in-place write), None for an inference-mode tensor (none kept)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+_placeholders_visible = [0]  # > 0 inside deferred_selections_kept()
+
+
+@contextlib.contextmanager
+def deferred_selections_kept():
+    """Inside, reading a deferred selection (``state_dict()``, ``neuroada_indices[name]``) gives its placeholder
+    instead of computing it: for PEFT's plumbing between injecting an adapter and loading its weights, which reads
+    only keys, shapes and dtypes."""
+    _placeholders_visible[0] += 1
+    try:
+        yield
+    finally:
+        _placeholders_visible[0] -= 1
+
+
+class _Selections(BufferDict):
+    """``neuroada_indices``: a BufferDict whose entries can be *deferred*: registered as a placeholder of the right
+    shape and dtype, with the selection computed by its first reader, unless indices are written first (assigned, or
+    loaded by ``load_state_dict``). An adapter loaded with stored indices is injected this way: selecting on every
+    layer (a sort of every weight row) would be thrown away when the file's indices are loaded over it."""
+
+    def __init__(self) -> None:
+        super().__init__(persistent=True)
+        self._deferred: dict[str, Any] = {}  # name -> a callable returning the selection
+
+    def defer(self, key: str, placeholder: torch.Tensor, select) -> None:
+        self[key] = placeholder
+        self._deferred[key] = select
+
+    def settled(self, key: str) -> torch.Tensor:
+        """The selection ``key``, computed now if it was deferred (also inside deferred_selections_kept)."""
+        if key in self._deferred:
+            selection = self._deferred[key]()
+            del self._deferred[key]
+            super().__setitem__(key, selection.to(self._buffers[key].device))
+        return self._buffers[key]
+
+    def _settle_all(self) -> None:
+        if not _placeholders_visible[0]:
+            for key in list(self._deferred):
+                self.settled(key)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._deferred and not _placeholders_visible[0]:
+            return self.settled(key)
+        return self._buffers[key]
+
+    def __setitem__(self, key: str, buffer: torch.Tensor) -> None:
+        self._deferred.pop(key, None)
+        super().__setitem__(key, buffer)
+
+    def __delitem__(self, key: str) -> None:
+        self._deferred.pop(key, None)
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self._deferred.clear()
+        super().clear()
+
+    def items(self):
+        self._settle_all()
+        return super().items()
+
+    def values(self):
+        self._settle_all()
+        return super().values()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self._settle_all()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) == errors:  # (otherwise load_state_dict raises)
+            for key in [key for key in self._deferred if prefix + key in state_dict]:
+                del self._deferred[key]  # the loaded indices are the selection
 
 
 class NeuroAdaLayer(BaseTunerLayer):
@@ -48,18 +139,24 @@ class NeuroAdaLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.neuroada_delta = nn.ParameterDict({})
-        self.neuroada_indices = BufferDict(persistent=True)
+        self.neuroada_indices = _Selections()
         self.bypass_backend: dict[str, str] = {}
         # Original weight entries at the selected positions, kept while an adapter is merged so that unmerge
         # restores the base weight bit for bit (subtracting delta again would not, in bf16). Buffers, so that
         # .to() / .half() move and cast them with the weight; not persistent, so never saved.
         self._merged_originals = BufferDict(persistent=False)
+        # The int64 positions each merged adapter was written at: unmerge restores exactly those, also if the indices
+        # were loaded anew meanwhile, without converting them again.
+        self._merged_columns: dict[str, torch.Tensor] = {}
         # Rows whose selection a bf16/fp16 copy of the base could break differently (ties after rounding), with
         # their indices: what an adapter saved without indices stores so that it reloads in another precision.
         self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # Adapters with a data-aware selection that calibrate_selection has not chosen yet: they hold a placeholder
         # (magnitude) selection, and their forward refuses to run.
         self.uncalibrated: set[str] = set()
+        # The base weight at each adapter's selected positions, taken where the selection was computed (see
+        # selected_base_values), with the indices tensor and version they belong to.
+        self._base_values: dict[str, tuple[torch.Tensor, Optional[int], torch.Tensor]] = {}
         self._patterns: dict[str, SparsePattern] = {}
         self._selection_keys: dict[str, tuple[SparsePattern, str]] = {}  # see _selection_key (mixed batches)
         # Whether another adapted layer reads the same input tensor (q/k/v, gate/up): "learning" in the forwards
@@ -83,6 +180,16 @@ class NeuroAdaLayer(BaseTunerLayer):
             self.in_features, self.out_features = sharding.logical_shape(base.weight)
         else:
             self.in_features, self.out_features = base.in_features, base.out_features
+
+    def get_base_layer(self) -> nn.Module:
+        """PEFT's (the innermost ``base_layer``), without the failed attribute lookup that PEFT's ``hasattr`` makes
+        on the plain layer at the bottom (``Module.__getattr__`` raising AttributeError: several times a k=1 layer's
+        gather and scatter when switching a merged adapter)."""
+        base = self._modules["base_layer"]
+        while ("base_layer" in base._modules or "base_layer" in base.__dict__
+               or hasattr(type(base), "base_layer")):
+            base = base.base_layer
+        return base
 
     def weight_rows(self) -> torch.Tensor:
         """The base weight's data as ``[out_features, in_features]`` (a view: writes go to the weight)."""
@@ -110,33 +217,46 @@ class NeuroAdaLayer(BaseTunerLayer):
         if self.merged_adapters:
             rows = rows.clone()
             for name in reversed(self.merged_adapters):
-                rows.scatter_(1, self.neuroada_indices[name].long(), self._merged_originals[name].to(rows))
+                rows.scatter_(1, self._merged_columns[name].to(rows.device), self._merged_originals[name].to(rows))
         return rows
 
     def update_layer(self, adapter_name: str, config: NeuroAdaConfig, module_name: str = "") -> None:
         k = min(config.k, self.in_features)
-        rows = self.full_weight_rows()
         # A data-aware selection is chosen later by calibrate_selection (or comes from the file on a load, which
         # always stores indices for it); until then the shapes need a placeholder, which nothing may train or save.
         criterion = "magnitude" if config.selection in DATA_CRITERIA else config.selection
-        indices = select_per_neuron(rows, k, criterion, seed=layer_seed(config.seed, module_name))
         if config.selection in DATA_CRITERIA and config.calibration is None:
             self.uncalibrated.add(adapter_name)
         else:
             self.uncalibrated.discard(adapter_name)
-        if not config.save_indices:  # computed now, while every process holds the whole weight
-            self.pinned_rows[adapter_name] = self._pinned(rows, indices, config.selection)
-        if config.init_weights:
-            delta = torch.zeros(self.out_features, k, dtype=torch.float32, device=rows.device)
+        select = functools.partial(self._select, k, criterion, layer_seed(config.seed, module_name))
+        if self._loads_stored_indices(config):
+            indices = None
+            device = self.get_base_layer().weight.device
         else:
-            delta = torch.randn(self.out_features, k, dtype=torch.float32, device=rows.device) * 0.02
+            rows = self.full_weight_rows()
+            indices = select(rows)
+            device = rows.device
+            if not config.save_indices:  # computed now, while every process holds the whole weight
+                self.pinned_rows[adapter_name] = self._pinned(rows, indices, config.selection)
+            else:  # likewise, for a save from one process of a sharded model
+                self._base_values[adapter_name] = (indices, _version_of(indices),
+                                                   self._gather_base_values(rows, indices))
+        if config.init_weights:
+            delta = torch.zeros(self.out_features, k, dtype=torch.float32, device=device)
+        else:
+            delta = torch.randn(self.out_features, k, dtype=torch.float32, device=device) * 0.02
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
         learning_rate.track_delta(self.neuroada_delta[adapter_name], k)
         layer = weakref.ref(self)
         self.neuroada_delta[adapter_name].register_post_accumulate_grad_hook(
             lambda _: layer() is not None and layer().end_input_learning())
         sharding.register_with_zero3(self, self.neuroada_delta[adapter_name], self.get_base_layer().weight)
-        self.neuroada_indices[adapter_name] = indices
+        if indices is None:
+            placeholder = torch.zeros(self.out_features, k, dtype=index_dtype_for(self.in_features), device=device)
+            self.neuroada_indices.defer(adapter_name, placeholder, select)
+        else:
+            self.neuroada_indices[adapter_name] = indices
         self._patterns.pop(adapter_name, None)
         self.bypass_backend[adapter_name] = config.bypass_backend
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -152,7 +272,43 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._patterns.pop(adapter_name, None)
         self._selection_keys.pop(adapter_name, None)
         self.pinned_rows.pop(adapter_name, None)
+        self._base_values.pop(adapter_name, None)
         self.uncalibrated.discard(adapter_name)
+
+    def _select(self, k: int, criterion: str, seed: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return select_per_neuron(self.full_weight_rows() if rows is None else rows, k, criterion, seed=seed)
+
+    def _loads_stored_indices(self, config: NeuroAdaConfig) -> bool:
+        """Whether ``config`` comes with a saved adapter that holds its indices (``selection_fingerprints`` are
+        written at save time), so that selecting now can wait: the load writes the stored indices, and the selection
+        is computed only if something reads the indices first (see :class:`_Selections`). Only for a plain weight
+        here in memory and no DeepSpeed ZeRO-3: a sharded weight is gathered by collectives that every process must
+        run at the same point, which a first read need not be."""
+        weight = self.get_base_layer().weight
+        return (bool(config.save_indices and config.selection_fingerprints) and not self.quantization
+                and not weight.is_meta and not isinstance(weight, sharding.DTensor)
+                and not sharding.is_zero3_partitioned(weight) and not sharding._zero3_enabled())
+
+    def selected_base_values(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The base weight at ``adapter_name``'s selected positions, ``W[i, idx[i, j]]`` as ``[out_features, k]``
+        float16 on the CPU (without merged deltas), which an adapter saved with indices stores so that a load can
+        tell its base in O(out * k). Taken when the selection was computed, while the indices are still that tensor
+        unchanged; else read now, except from a sharded or quantized weight (a gather is a collective that a save on
+        one process must not run; a dequantisation costs O(weights)): None there, and loads of the file check the
+        selection instead."""
+        indices = self.neuroada_indices[adapter_name]
+        kept = self._base_values.get(adapter_name)
+        if kept is not None and kept[0] is indices and kept[1] is not None and kept[1] == _version_of(indices):
+            return kept[2]
+        weight = self.get_base_layer().weight
+        if self.quantization or weight.is_meta or isinstance(weight, sharding.DTensor) or sharding.is_zero3_partitioned(
+                weight):
+            return None
+        return self._gather_base_values(self.full_weight_rows(), indices)
+
+    @staticmethod
+    def _gather_base_values(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return rows.gather(1, indices.to(device=rows.device, dtype=torch.long)).to("cpu", torch.float16)
 
     def pinned_rows_for(self, adapter_name: str, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of ``adapter_name``'s selection that a bf16/fp16 copy of the base could break differently, and
@@ -196,19 +352,26 @@ class NeuroAdaLayer(BaseTunerLayer):
         base_weight = self.get_base_layer().weight
         if base_weight.is_meta:
             raise ValueError("cannot merge into a weight on the meta device; load the base weights first")
-        with sharding.writable_whole([base_weight, *self.neuroada_delta.values()]):
-            rows = self.weight_rows()
-            for name in adapter_names:
-                if name not in self.neuroada_delta:
-                    continue
+        adapter_names = [name for name in adapter_names if name in self.neuroada_delta]
+        deltas = [self.neuroada_delta[name] for name in adapter_names]
+        with sharding.writable_whole([base_weight, *deltas]):
+            rows = base_weight.data.T if self.is_conv1d else base_weight.data  # weight_rows(), inside the gather
+            for name, delta in zip(adapter_names, deltas):
                 indices = self.neuroada_indices[name].long()
                 original = rows.gather(1, indices)
-                merged = (original.float() + self.neuroada_delta[name].detach().float()).to(rows.dtype)
+                delta = delta.detach()
+                if original.dtype == delta.dtype == torch.float32:  # (the casts below cost more than the add)
+                    merged = original + delta
+                else:
+                    merged = (original.float() + delta.float()).to(rows.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"merging adapter {name!r} would put NaN/inf into the weight; the adapter is "
                                      "broken")
                 rows.scatter_(1, indices, merged)
-                self._merged_originals[name] = original
+                # = self._merged_originals[name] = original (register_buffer's checks cost more than the scatter)
+                self._merged_originals._buffers[name] = original
+                self._merged_originals._non_persistent_buffers_set.add(name)
+                self._merged_columns[name] = indices
                 self.merged_adapters.append(name)
 
     def _merge_quantized(self, adapter_names: list[str], safe_merge: bool, sign: float = 1.0) -> None:
@@ -236,12 +399,17 @@ class NeuroAdaLayer(BaseTunerLayer):
             self._merge_quantized(list(reversed(self.merged_adapters)), safe_merge=False, sign=-1.0)
             self.merged_adapters.clear()
             return
-        with sharding.writable_whole([self.get_base_layer().weight]):
-            rows = self.weight_rows()
+        base_weight = self.get_base_layer().weight
+        with sharding.writable_whole([base_weight]):
+            rows = base_weight.data.T if self.is_conv1d else base_weight.data  # weight_rows(), inside the gather
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 original = self._merged_originals.pop(name)
-                rows.scatter_(1, self.neuroada_indices[name].long(), original.to(device=rows.device, dtype=rows.dtype))
+                columns = self._merged_columns.pop(name)
+                if original.device != rows.device or original.dtype != rows.dtype:  # moved or cast while merged
+                    original = original.to(device=rows.device, dtype=rows.dtype)
+                    columns = columns.to(rows.device)
+                rows.scatter_(1, columns, original)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.neuroada_delta:
@@ -251,6 +419,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._selection_keys.pop(adapter_name, None)
         self.pinned_rows.pop(adapter_name, None)
         self.uncalibrated.discard(adapter_name)
+        self._base_values.pop(adapter_name, None)
 
 
 @functools.lru_cache(maxsize=16)

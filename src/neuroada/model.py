@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -12,15 +13,20 @@ from peft.tuners.tuners_utils import BaseTuner, onload_layer
 from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from . import sharding
 from .bypass import check_indices
-from .layer import NeuroAdaLayer, NeuroAdaLinear, supports
-from .selection import DATA_CRITERIA, is_top_k_selection, selection_fingerprint
+from .layer import NeuroAdaLayer, NeuroAdaLinear, deferred_selections_kept, supports
+from .selection import DATA_CRITERIA, index_dtype_for, is_top_k_selection, selection_fingerprint
 
 _PEFT_MODEL_PREFIX = "base_model.model."
 # Keys of an adapter saved without indices: the rows whose indices are stored anyway (see precision_fragile_rows).
 _PINNED_ROWS = "neuroada_pinned_rows"
 _PINNED_INDICES = "neuroada_pinned_indices"
+# Key of an adapter saved with indices: the base weight at each selected position, W[i, idx[i, j]], in float16
+# (2 bytes, and readable by numpy, unlike bfloat16).
+_BASE_VALUES = "neuroada_base_values"
 
 
 class AdapterLoadError(ValueError):
@@ -79,6 +85,11 @@ class NeuroAdaModel(BaseTuner):
             self._replace_module(parent, target_name, layer, target)
         if config.k > layer.in_features:
             self._capped_layers.append(current_key)
+
+    def _cast_adapter_dtype(self, *args, **kwargs) -> None:
+        # PEFT reads every adapter buffer's dtype right after injection, before a load writes deferred selections
+        with deferred_selections_kept():
+            super()._cast_adapter_dtype(*args, **kwargs)
 
     def _undo_adapter(self, adapter_name: str) -> None:
         """Take back everything that injecting ``adapter_name`` did, so that a failed injection or load leaves the
@@ -185,15 +196,13 @@ class NeuroAdaModel(BaseTuner):
         return self._layers_and_offload()[0]
 
     def _layers_and_offload(self) -> tuple[list[NeuroAdaLayer], bool]:
-        """The NeuroAda layers, and whether any module carries an accelerate hook (an offloaded model). PEFT's own
-        merge loop walks every layer's submodules for offloaded ones (onload_layer), which took more time than the
-        merge itself when switching a k=1 adapter; here that walk happens only where accelerate hooks exist."""
-        layers, offloaded = [], False
-        for module in self.model.modules():
-            offloaded = offloaded or "_hf_hook" in vars(module)  # set as a plain attribute by accelerate
-            if isinstance(module, NeuroAdaLayer):
-                layers.append(module)
-        return layers, offloaded
+        """The NeuroAda layers, and whether any of them has offloaded parts (accelerate hooks). The layers come from
+        a walk of the whole model (about 1000 modules on a 30-block model: as much time as switching a k=1 adapter
+        took), kept while it is provably still the model's tree; see :class:`_LayerWalk`."""
+        walk = self.__dict__.get("_layer_walk")
+        if walk is None or not walk.still_current(self.model):
+            walk = self.__dict__["_layer_walk"] = _LayerWalk(self.model)
+        return walk.layers, walk.offloaded()
 
     # ------------------------------------------------------------------ save / load
 
@@ -224,7 +233,13 @@ class NeuroAdaModel(BaseTuner):
                     "state_dict=engine._zero3_consolidated_16bit_state_dict() to save_pretrained.")
             if not torch.isfinite(value).all():
                 raise ValueError(f"adapter {adapter_name!r}: layer {layer_name!r} holds NaN/inf deltas; nothing was saved")
-        if not config.save_indices:
+        if config.save_indices:
+            # what a load checks its base by in O(out * k): the base weights at the selected positions
+            for name, layer in layers.items():
+                values = layer.selected_base_values(adapter_name)
+                if values is not None:
+                    selected[f"{_PEFT_MODEL_PREFIX}{name}.{_BASE_VALUES}"] = values.contiguous()
+        else:
             selected = {key: value for key, value in selected.items() if ".neuroada_indices" not in key}
             # The rows a bf16/fp16 copy of the base could select differently, with their indices, so that the
             # adapter reloads on the same weights in another precision (usually a small share of the rows).
@@ -236,14 +251,72 @@ class NeuroAdaModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # (PEFT reads the model's state dict keys here, which must not compute the selections a load defers)
+        with deferred_selections_kept():
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         try:
-            return _validated_for_load(model, config, adapter_name, remapped)
+            with deferred_selections_kept():
+                return _validated_for_load(model, config, adapter_name, remapped)
         except AdapterLoadError:
             tuner = getattr(model, "base_model", None)
             if isinstance(tuner, NeuroAdaModel):
                 tuner._undo_adapter(adapter_name)
             raise
+
+
+# Bumped whenever any module anywhere is assigned a submodule (setattr, add_module, ModuleList.append, PEFT's
+# _replace_module): a layer walk taken before the bump may be out of date.
+_module_assignments = itertools.count()
+_assignment_count = [next(_module_assignments)]
+
+
+_counting_assignments = []  # the hook's handle, once registered
+
+
+def _count_module_assignment(module, name, submodule):
+    _assignment_count[0] = next(_module_assignments)
+
+
+def _start_counting_assignments() -> None:
+    """Registered by the first layer walk, not at import (no walk exists before it, so none can be stale)."""
+    if not _counting_assignments:
+        _counting_assignments.append(nn.modules.module.register_module_module_registration_hook(_count_module_assignment))
+
+
+class _LayerWalk:
+    """The NeuroAda layers of a model found by one walk, reused while nothing can have changed the module tree:
+
+    - no module anywhere was assigned a submodule since (a process-wide count, see _count_module_assignment): covers
+      injection, PEFT's merge_and_unload / unload / _undo_adapter and a user's ``setattr`` or ``add_module``;
+    - every layer found is still its parent's child under its name: covers what bypasses assignment (``del``,
+      ``ModuleList.insert``/``pop``, writes into ``_modules``);
+    - it is the same model object (a deep copy gets its own walk).
+
+    Accelerate hooks are plain attributes that no assignment reports, so whether a layer is offloaded is looked up
+    at every call, in the attributes of each layer and of its direct children (where PEFT's onload_layer looks)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        _start_counting_assignments()
+        self.model = model
+        self.assignments = _assignment_count[0]
+        self.layers: list[NeuroAdaLayer] = []
+        self.places: list[tuple[dict, str]] = []  # (parent._modules, name) of each layer
+        found = set()
+        for parent in model.modules():
+            for name, child in parent._modules.items():
+                if isinstance(child, NeuroAdaLayer) and id(child) not in found:
+                    found.add(id(child))
+                    self.layers.append(child)
+                    self.places.append((parent._modules, name))
+        # the attribute dicts of each layer and its direct children (base layer, delta and index dicts)
+        self.attributes = [vars(module) for layer in self.layers for module in (layer, *layer._modules.values())]
+
+    def still_current(self, model: nn.Module) -> bool:
+        return (model is self.model and self.assignments == _assignment_count[0]
+                and all(children.get(name) is layer for (children, name), layer in zip(self.places, self.layers)))
+
+    def offloaded(self) -> bool:
+        return any("_hf_hook" in attributes for attributes in self.attributes)
 
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):
@@ -277,6 +350,7 @@ def _validated_for_load(model, config, adapter_name, state_dict):
         indices_key = f"{prefix}{name}.neuroada_indices.{adapter_name}"
         pinned = (state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_ROWS}", None),
                   state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_INDICES}", None))
+        base_values = state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_BASE_VALUES}", None)
         expected_shape = tuple(layer.neuroada_delta[adapter_name].shape)
         if delta_key not in state_dict:
             raise AdapterLoadError(
@@ -289,12 +363,11 @@ def _validated_for_load(model, config, adapter_name, state_dict):
                 f"this base the layer needs {expected_shape} ([out_features, k]); the adapter was trained on a base "
                 "with other shapes. Load it on the base model it was trained on."
             )
-        live_indices = layer.neuroada_indices[adapter_name]
         recorded = (config.selection_fingerprints or {}).get(name)
         if not config.save_indices:
             # recomputed from this base at injection; the rows that rounding could have broken differently come
             # from the file
-            indices = _with_pinned_rows(live_indices, *pinned, name)
+            indices = _with_pinned_rows(layer.neuroada_indices[adapter_name], *pinned, name)
             if recorded is not None and recorded != selection_fingerprint(indices):
                 fingerprint_mismatches.append(name)
             state_dict[indices_key] = indices
@@ -320,19 +393,28 @@ def _validated_for_load(model, config, adapter_name, state_dict):
                 f"layer {name!r}: the stored indices do not match the fingerprint in adapter_config.json; the two "
                 "files come from different saves or the weights file is damaged. Save the adapter again."
             )
-        # Equal to this base's own selection, or a top-k of it up to ties (the same weights in another precision):
-        # this is the base. A data-chosen selection is no top-k of |W|: the sum of |W| at it, recorded at
-        # calibration, is compared instead. Otherwise the stored indices still apply, but the user should know.
-        if config.selection in DATA_CRITERIA:
-            from .calibration import same_selected_weight_sum
+        if base_values is not None and tuple(base_values.shape) != expected_shape:
+            raise AdapterLoadError(f"layer {name!r}: the stored base values have shape {tuple(base_values.shape)}, "
+                                   f"expected {expected_shape}; the file is damaged or from another model.")
+        # This is the base if its weights at the stored positions are those saved with the adapter (O(out * k), the
+        # selection of a load with stored indices is not computed at all). Else, for files saved without base values:
+        # a data-chosen selection is no top-k of |W|, so the sum of |W| at it, recorded at calibration, is compared;
+        # a weight-only selection is this base's if the stored indices are its own selection or a top-k of it up to
+        # ties (the same weights in another precision). Otherwise the stored indices still apply, but the user should
+        # know.
+        if not (base_values is not None and _same_base_values(layer, indices, base_values)):
+            if config.selection in DATA_CRITERIA:
+                from .calibration import same_selected_weight_sum
 
-            if not same_selected_weight_sum(layer.full_weight_rows(), indices,
-                                            (config.selected_weight_sums or {}).get(name)):
-                other_base.append(name)
-        elif not torch.equal(indices.long(), live_indices.long()) and not is_top_k_selection(
-                layer.full_weight_rows(), indices, config.selection):
-            other_base.append(name)
-        state_dict[indices_key] = indices.to(live_indices.dtype)
+                if not same_selected_weight_sum(layer.full_weight_rows(), indices,
+                                                (config.selected_weight_sums or {}).get(name)):
+                    other_base.append(name)
+            else:
+                live_indices = layer.neuroada_indices.settled(adapter_name)  # computed now if the injection deferred it
+                if not torch.equal(indices.long(), live_indices.long()) and not is_top_k_selection(
+                        layer.full_weight_rows(), indices, config.selection):
+                    other_base.append(name)
+        state_dict[indices_key] = indices.to(index_dtype_for(layer.in_features))
     if fingerprint_mismatches:
         raise AdapterLoadError(_fingerprint_message(fingerprint_mismatches, adapter_name))
     known = {f"{prefix}{name}.neuroada_{kind}.{adapter_name}" for name in layers for kind in ("delta", "indices")}
@@ -352,6 +434,25 @@ def _validated_for_load(model, config, adapter_name, state_dict):
             "the base you meant."
         )
     return state_dict
+
+
+# Tolerance of the base values check: a value saved in float16 (rounded by at most 2^-11 of itself) against the same
+# weight in float32, float16 or bfloat16 (at most 2^-8), possibly rounded through float16 on the way (2^-11): less
+# than 2^-7 in all; an unrelated base differs by far more. The absolute term covers float16's subnormal values. A
+# weight beyond float16's range was saved as inf and never matches (the load then checks the selection instead).
+_BASE_VALUES_RTOL, _BASE_VALUES_ATOL = 2.0**-7, 2.0**-24
+
+
+def _same_base_values(layer: NeuroAdaLayer, indices: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Whether this base's weights at ``indices`` are the ones saved with the adapter, up to the rounding of another
+    precision. False where the weight is sharded or quantized (the caller then falls back on the selection check)."""
+    weight = layer.get_base_layer().weight
+    if layer.quantization or weight.is_meta or isinstance(weight, DTensor) or sharding.is_zero3_partitioned(weight):
+        return False
+    rows = layer.full_weight_rows()
+    live = rows.gather(1, indices.to(device=rows.device, dtype=torch.long)).float()
+    stored = stored.to(device=live.device, dtype=torch.float32)
+    return bool(torch.isclose(live, stored, rtol=_BASE_VALUES_RTOL, atol=_BASE_VALUES_ATOL).all())
 
 
 def _with_pinned_rows(indices: torch.Tensor, rows, pinned_indices, layer_name: str) -> torch.Tensor:

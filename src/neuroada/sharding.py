@@ -66,7 +66,6 @@ def _zero3_enabled() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
-@contextlib.contextmanager
 def writable_whole(params: list[torch.Tensor]):
     """Inside the block each parameter's ``data`` is the whole tensor; what is written into it stays after the block.
 
@@ -74,6 +73,13 @@ def writable_whole(params: list[torch.Tensor]):
     Unsharded: the weight itself. DTensor weights are rejected with the fix (a DTensor merge would have to write
     only each rank's rows; gathering every weight on every rank defeats the sharding).
     """
+    if not any(isinstance(p, DTensor) or is_zero3_partitioned(p) for p in params):
+        return contextlib.nullcontext()  # the usual case, without a generator per call (merges run per layer)
+    return _writable_sharded(params)
+
+
+@contextlib.contextmanager
+def _writable_sharded(params: list[torch.Tensor]):
     if any(isinstance(p, DTensor) for p in params):
         raise NotImplementedError(
             "merging NeuroAda into a DTensor-sharded (FSDP2 / tensor-parallel) weight is not supported: save the "

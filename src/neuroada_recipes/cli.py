@@ -520,7 +520,7 @@ class AdapterFolder:
         modules = set()
         with safe_open(os.path.join(self.path, "adapter_model.safetensors"), "np") as handle:
             for key in handle.keys():
-                if not key.endswith((".neuroada_delta", ".neuroada_indices")):
+                if not key.rsplit(".", 1)[-1].startswith("neuroada_"):  # deltas, indices, pinned rows, base values
                     modules.add(key.removeprefix("base_model.model.").rsplit(".", 1)[0])
         return tuple(sorted(modules))
 

@@ -128,7 +128,7 @@ def adapter_summary(adapter_dir: str, input_widths: dict[str, int] | None = None
                 distinct_positions=None if indices is None else int(np.unique(indices).size),
                 in_features=(input_widths or {}).get(name),
             ))
-        elif not key.endswith(".neuroada_indices"):
+        elif not key.rsplit(".", 1)[-1].startswith("neuroada_"):  # indices, pinned rows, base values
             module = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
             other[module] = other.get(module, 0) + value.size
     layers.sort(key=lambda layer: (layer.depth < 0, layer.depth, layer.name))  # blocks first, in order
