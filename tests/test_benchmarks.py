@@ -69,6 +69,7 @@ def test_bench_model_methods_at_toy_size(benchmark, monkeypatch, capsys):
         torch.set_num_threads(threads)
     for method, result in results.items():
         assert result["method"] == method and result["seconds"] > 0 and result["peak_bytes"] > 0
+        assert result["allocated_bytes"] > 0  # a step allocates activations, whatever it trains
         if method == "frozen":
             assert result["trainable"] == 0
         if method == "neuroada-k1":  # one delta per output neuron of the seven projections, two layers
@@ -127,3 +128,18 @@ def test_paired_differences_are_added_against_lora_when_every_run_has_hits(bench
     compare_methods.add_paired_differences(rows)
     assert rows["neuroada-k1"]["vs_reference"]["difference"] == pytest.approx(0.125)
     assert "vs_reference" not in rows["old-run"] and "vs_reference" not in rows["lora-r8"]
+
+
+def test_peak_bytes_allocated_is_the_running_peak_of_live_tensors(benchmark):
+    common = benchmark("common")
+    before = torch.empty(4096)  # live before: not counted, and its free does not lower the running total
+
+    def body():
+        nonlocal before
+        first, second = torch.empty(1000), torch.empty(3000)  # 16,000 bytes live together
+        del first, second, before
+        third = torch.empty(2000)  # 8,000 bytes: below the earlier peak
+        return third
+
+    assert common.peak_bytes_allocated(body) == 16_000
+    assert common.peak_bytes_allocated(lambda: torch.empty(10, 10).sum()) >= 400
