@@ -356,9 +356,12 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
                 finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
                 rule = rule_rate(method)
                 if rule is not None and not quick:  # what a user gets without a sweep: the library's default
-                    ruled = runs.get(dict(base, method=method, lr=rule, seed=0))
-                    default_row = {"lr": rule, "validation": ruled["scores"]["validation"],
-                                   "test": ruled["scores"]["test"]}
+                    try:
+                        ruled = runs.get(dict(base, method=method, lr=rule, seed=0))
+                        default_row = {"lr": rule, "validation": ruled["scores"]["validation"],
+                                       "test": ruled["scores"]["test"]}
+                    except MissingRun:  # a report before the default-rate run: the method's row stands without it
+                        default_row = None
         except MissingRun:
             unfinished.append((method, runs.finished(base, method)))
             continue
@@ -376,7 +379,10 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
                         "train_seconds": statistics.mean(r["train_seconds"] for r in finals),
                         "adapt_seconds": statistics.mean(r.get("adapt_seconds", float("nan")) for r in finals),
                         "peak_gb": max(r["peak_gb"] for r in finals),
-                        "test_hits": [r.get("test_hits") for r in finals], "default_rate": default_row}
+                        "test_hits": [r.get("test_hits") for r in finals], "default_rate": default_row,
+                        # every rate run on seed 0 at these sizes (a sweep may have visited fewer): for --plot
+                        "validation_by_rate": {f"{lr:g}": v for (lr, seed), v in sorted(
+                            runs.finished(base, method).items()) if seed == 0}}
         log(f"{method}: lr {best:g}, test {rows[method]['mean']:.4f} +- {rows[method]['std']:.4f}")
     add_paired_differences(rows)
     hours = runs.seconds(base) / 3600
@@ -463,8 +469,10 @@ def markdown(task, spec, seeds, rows) -> str:
         lines += ["", f"Data-aware selections are calibrated on {CALIBRATION_BATCHES} training batches; seconds to "
                   "build the adapter (selection and calibration included), mean over seeds: " + ", ".join(
                       f"{m} {row['adapt_seconds']:.1f}" for m, row in calibrated.items())
-                  + "; magnitude: " + ", ".join(f"{m} {row['adapt_seconds']:.1f}" for m, row in rows.items()
-                                                if m.startswith("neuroada-k") and m.count("-") == 1) + "."]
+                  + "; magnitude: " + (", ".join(f"{m} {row['adapt_seconds']:.1f}" for m, row in rows.items()
+                                                 if m.startswith("neuroada-k") and m.count("-") == 1
+                                                 and row["adapt_seconds"] == row["adapt_seconds"])  # not NaN
+                                       or "not recorded (runs made before build times were)") + "."]
     ruled = {m: row for m, row in rows.items() if row.get("default_rate")}
     if ruled:
         lines += ["", "The default learning rate (`neuroada.suggested_learning_rate(k)`, no sweep) against the swept "
@@ -491,16 +499,18 @@ def plot_sensitivity(out: str, tasks: list[str], path: str) -> None:
     for axis, task in zip(axes[0], found):
         with open(os.path.join(out, f"{task}.json")) as handle:
             report = json.load(handle)
-        curves = {m: {float(lr): v for lr, v in row["swept"].items()} for m, row in report["methods"].items()
-                  if m != "zero-shot"}
+        curves = {m: {float(lr): v for lr, v in row.get("validation_by_rate", row["swept"]).items()}
+                  for m, row in report["methods"].items() if m != "zero-shot"}
         for method, done in report.get("unfinished", {}).items():  # "lr 0.01, seed 0": score
             curves[method] = {float(key.split(",")[0].split()[1]): v for key, v in done.items() if key.endswith("seed 0")}
         for method, points in curves.items():
             if points:
                 rates = sorted(points)
-                axis.plot(rates, [points[r] for r in rates], marker="o", label=method)
+                axis.plot(rates, [points[r] for r in rates], marker="o", label=method,
+                          color=plt.get_cmap("tab20")(METHODS.index(method) % 20))  # one colour per method
         if "zero-shot" in report["methods"]:
-            axis.axhline(report["methods"]["zero-shot"]["mean"], color="grey", linestyle=":", label="zero-shot")
+            zero_shot = next(iter(report["methods"]["zero-shot"]["swept"].values()))  # its validation score
+            axis.axhline(zero_shot, color="grey", linestyle=":", label="zero-shot")
         axis.set_xscale("log")
         axis.set_xlabel("learning rate")
         axis.set_ylabel(f"validation {next(iter(report['methods'].values()))['metric_name']}"
