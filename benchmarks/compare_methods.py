@@ -80,10 +80,9 @@ def adapt(model, method: str, classification: bool, calibration_batches=None):
     task_type = "SEQ_CLS" if classification else "CAUSAL_LM"
     head = {"classifier", "score"}
     if method.startswith("neuroada-k"):
-        k, _, criterion = method.removeprefix("neuroada-k").partition("-")
-        model = get_peft_model(model, NeuroAdaConfig(k=int(k), selection=criterion or "magnitude",
-                                                     task_type=task_type))
-        if criterion:
+        k, criterion = neuroada_k_and_selection(method)
+        model = get_peft_model(model, NeuroAdaConfig(k=k, selection=criterion, task_type=task_type))
+        if criterion != "magnitude":
             calibrate_selection(model, calibration_batches(), num_batches=CALIBRATION_BATCHES,
                                 max_score_bytes=GRADIENT_SCORE_BYTES)
         return model, _coverage(model, "neuroada")
@@ -107,6 +106,12 @@ def adapt(model, method: str, classification: bool, calibration_batches=None):
     if method == "full":
         return model.requires_grad_(True), None
     raise ValueError(method)
+
+
+def neuroada_k_and_selection(method: str) -> tuple[int, str]:
+    """``neuroada-k8`` -> (8, "magnitude"), ``neuroada-k1-gradient`` -> (1, "gradient")."""
+    k, _, criterion = method.removeprefix("neuroada-k").partition("-")
+    return int(k), criterion or "magnitude"
 
 
 def _clone(model):
@@ -411,8 +416,7 @@ def rule_rate(method: str) -> float | None:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     from neuroada_recipes.recipes import suggested_learning_rate  # the library's rule, without importing torch
 
-    k = int(method.removeprefix("neuroada-k").split("-")[0])
-    return float(f"{suggested_learning_rate(k):.6g}")
+    return float(f"{suggested_learning_rate(neuroada_k_and_selection(method)[0]):.6g}")
 
 
 def paired_difference(hits: list[list[int]], reference_hits: list[list[int]], resamples: int = BOOTSTRAP_RESAMPLES,
