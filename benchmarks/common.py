@@ -21,7 +21,7 @@ class DenseCompose(nn.Module):
         super().__init__()
         self.base = linear.requires_grad_(False)
         columns = select_per_neuron(linear.weight.detach(), k).long()
-        rows = torch.arange(linear.out_features)[:, None] * linear.in_features
+        rows = torch.arange(linear.out_features, device=columns.device)[:, None] * linear.in_features
         self.register_buffer("flat_indices", (rows + columns).reshape(-1))
         self.delta = nn.Parameter(torch.zeros(columns.numel()))
 

@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 
 import neuroada  # noqa: E402,F401  (registers NeuroAda with PEFT)
 from neuroada import kernel_check, triton_backend  # noqa: E402
-from neuroada.bypass import build_pattern, linear_with_bypass, sparse_bypass  # noqa: E402
+from neuroada.bypass import build_pattern, choose_backend, linear_with_bypass, sparse_bypass  # noqa: E402
 from neuroada.selection import select_per_neuron  # noqa: E402
 
 from common import markdown_table, wrap_linear  # noqa: E402
@@ -66,6 +66,8 @@ LAYER_METHODS = ["frozen", "neuroada-triton", "neuroada", "neuroada-gather", "de
 # the issue's memory comparison first, in case the time share runs out
 STEP_METHODS = ["frozen", "neuroada-k1", "masked-full-k1", "lora-r8", "neuroada-k20", "supertuning-k1", "full"]
 GIB = 2**30
+# tiles (features, tokens, warps) the kernel_timing part tries for each kernel; the first is the shipped default
+FEATURE_TOKEN_TILES = [(32, 64, 8), (32, 64, 4), (16, 128, 8), (32, 128, 8), (64, 64, 8), (16, 64, 4)]
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -368,11 +370,12 @@ def part_peft_roundtrip(plan: Plan, deadline: Deadline) -> dict:
     tokens = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(1)).to(plan.device)
     model = get_peft_model(base(), neuroada.NeuroAdaConfig(k=2))
     layer = next(m for m in model.modules() if hasattr(m, "neuroada_delta"))
-    try:  # which backend "auto" picks here (a private method: only reported, never required)
-        backend = layer._backend_for("default", torch.zeros(1, tokens.numel(), layer.in_features,
-                                                            device=plan.device, dtype=torch.bfloat16), fusable=True)
+    try:  # which backend "auto" picks here for a training forward
+        probe = torch.zeros(1, tokens.numel(), layer.in_features, device=plan.device, dtype=torch.bfloat16)
+        backend = choose_backend(layer.bypass_backend["default"], probe, layer.neuroada_delta["default"].shape[1],
+                                 layer._fusable(probe))
     except Exception as error:
-        backend = f"unknown ({type(error).__name__})"
+        backend = f"unknown ({type(error).__name__}: {error})"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     model.train()
@@ -406,6 +409,89 @@ def part_peft_roundtrip(plan: Plan, deadline: Deadline) -> dict:
     return {"status": "ok" if all(checks.values()) else "failed",
             "result": {"checks": checks, "errors": errors, "losses": losses, "auto_backend": backend},
             "table": table}
+
+
+def part_kernel_timing(plan: Plan, deadline: Deadline) -> dict:
+    """Each Triton kernel alone (and the transposes that feed it) at the layer timing's first shape, for a few tile
+    sizes: which kernel the layer's time goes to, and which tiles to make the default. Every tile size's result is
+    compared with the default's, so a faster but wrong size cannot be chosen from this table."""
+    if not triton_backend.available(plan.device):
+        return {"status": "skipped", "reason": "Triton cannot run here"}
+    dtype = torch.bfloat16 if plan.on_gpu else torch.float32
+    in_features, out_features = plan.timing_shapes[0]
+    tokens = plan.timing_tokens
+    defaults = {name: getattr(triton_backend, name) for name in
+                ("_FORWARD_TILES", "_INPUT_GRAD_TILES", "_DELTA_GRAD_TILES", "_DELTA_GRAD_MAX_BLOCK_K")}
+    rows, results, truncated = [], [], None
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, in_features, generator=generator).to(plan.device, dtype)
+    grad = torch.randn(tokens, out_features, generator=generator).to(plan.device)
+    weight = torch.randn(out_features, in_features, generator=generator).to(plan.device, dtype)
+
+    def timed(fn) -> float:
+        fn()  # compile / warm up
+        return statistics.median(elapsed_seconds(fn, plan.device, plan.timing_inner) for _ in range(
+            plan.timing_rounds))
+
+    try:
+        floor = {"x W^T (the base forward, for scale)": timed(lambda: x @ weight.T),
+                 "x.T.contiguous()": timed(lambda: x.T.contiguous()),
+                 "grad.T.contiguous() (fp32)": timed(lambda: grad.T.contiguous())}
+        for what, seconds in floor.items():
+            rows.append([what, "-", "-", f"{seconds * 1000:.3f} ms", "-"])
+        grad_t, x_t = grad.T.contiguous(), x.T.contiguous()
+        for k in plan.timing_ks:
+            indices = select_per_neuron(torch.randn(out_features, in_features, generator=generator), k).to(
+                plan.device)
+            pattern = build_pattern(indices, in_features)
+            delta = torch.randn(out_features, k, generator=generator).to(plan.device)
+            kernels = {
+                "forward": ("_FORWARD_TILES", FEATURE_TOKEN_TILES,
+                            lambda: triton_backend.bypass_forward(x, delta, pattern.columns)),
+                "input_grad": ("_INPUT_GRAD_TILES", FEATURE_TOKEN_TILES,
+                               lambda: triton_backend.input_grad(grad_t, delta, pattern.transposed_rows,
+                                                                 pattern.transposed_order, pattern.transposed_offsets,
+                                                                 in_features, dtype)),
+                "delta_grad": ("_DELTA_GRAD_TILES", FEATURE_TOKEN_TILES,
+                               lambda: triton_backend.delta_grad(grad_t, x_t, pattern.columns)),
+            }
+            for kernel, (attribute, sizes, run) in kernels.items():
+                reference = run()
+                for size in sizes:
+                    if deadline.left() < 0:
+                        truncated = f"stopped before {kernel} k={k} {size}: time share used"
+                        break
+                    setattr(triton_backend, attribute, size)
+                    try:
+                        seconds = timed(run)
+                        error = relative_error(run().float(), reference.double())
+                        results.append({"kernel": kernel, "k": k, "blocks": size, "ms": seconds * 1000,
+                                        "error_vs_default": error})
+                        rows.append([kernel, str(k), str(size), f"{seconds * 1000:.3f} ms", f"{error:.1e}"])
+                    except Exception as error:
+                        rows.append([kernel, str(k), str(size), f"error: {type(error).__name__}: {error}"[:200], "-"])
+                    finally:
+                        setattr(triton_backend, attribute, defaults[attribute])
+                if kernel == "delta_grad" and deadline.left() > 0:  # j per program: registers against re-reads
+                    for block_k in (8, 16):
+                        triton_backend._DELTA_GRAD_MAX_BLOCK_K = block_k
+                        try:
+                            seconds = timed(run)
+                            error = relative_error(run().float(), reference.double())
+                            rows.append([kernel, str(k), f"{defaults['_DELTA_GRAD_TILES']}, j chunk {block_k}",
+                                         f"{seconds * 1000:.3f} ms", f"{error:.1e}"])
+                        finally:
+                            triton_backend._DELTA_GRAD_MAX_BLOCK_K = defaults["_DELTA_GRAD_MAX_BLOCK_K"]
+    finally:
+        for name, value in defaults.items():
+            setattr(triton_backend, name, value)
+    table = markdown_table(["kernel", "k", "tiles (features, tokens, warps)", "time", "error vs default tiles"], rows)
+    table += (f"\n\n{in_features}->{out_features}, {tokens} tokens, {str(dtype).replace('torch.', '')}; median of "
+              f"{plan.timing_rounds} rounds of {plan.timing_inner} calls. Defaults: "
+              + ", ".join(f"{name} {value}" for name, value in defaults.items()))
+    if truncated:
+        table += f"\n\n{truncated}"
+    return {"status": "ok", "result": {"floor_seconds": floor, "kernels": results}, "table": table}
 
 
 def part_layer_timing(plan: Plan, deadline: Deadline) -> dict:
@@ -609,6 +695,7 @@ PARTS = [
     ("environment", part_environment, 30, 5),
     ("correctness", part_correctness, 140, 20),
     ("peft_roundtrip", part_peft_roundtrip, 30, 5),
+    ("kernel_timing", part_kernel_timing, 40, 10),
     ("layer_timing", part_layer_timing, 70, 20),
     ("model_step", part_model_step, 150, 40),
     ("end_to_end", part_end_to_end, 60, 30),

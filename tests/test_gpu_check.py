@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["environment", "correctness", "peft_roundtrip", "layer_timing", "model_step", "end_to_end"]
+PARTS = ["environment", "correctness", "peft_roundtrip", "kernel_timing", "layer_timing", "model_step", "end_to_end"]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,10 @@ def test_measurements_are_real_figures(report):
     assert parts["environment"]["result"]["triton_self_check"]["bf16"]["usable"] is True
     roundtrip = parts["peft_roundtrip"]["result"]
     assert all(roundtrip["checks"].values())
+    assert roundtrip["auto_backend"] in ("fused", "triton", "gather", "dense")  # a backend, not an error
+    kernels = parts["kernel_timing"]["result"]["kernels"]
+    assert {entry["kernel"] for entry in kernels} == {"forward", "input_grad", "delta_grad"}
+    assert all(entry["ms"] > 0 and entry["error_vs_default"] <= 1e-5 for entry in kernels)
     layers = parts["layer_timing"]["result"]["layers"]
     assert layers and all(entry["floor_ms"] > 0 and entry["ratios"]["frozen"] == 1.0 for entry in layers)
     assert all(set(entry["ratios"]) >= {"neuroada-triton", "lora-r8", "supertuning", "dense-compose", "full"}

@@ -53,12 +53,16 @@ def test_kernels_match_dense_reference(out_features, in_features, tokens, dtype,
 
 
 def test_delta_gradient_sums_token_splits(monkeypatch):
-    monkeypatch.setattr(triton_backend, "_TOKENS_PER_SPLIT", 32)  # three splits for 70 tokens
-    indices = select_per_neuron(torch.randn(9, 13), 2)
+    # three splits for 70 tokens, each shorter than the kernel's token block (whose rows past a split's end must be
+    # left to the next split), and j in two chunks
+    monkeypatch.setattr(triton_backend, "_TOKENS_PER_SPLIT", 32)
+    monkeypatch.setattr(triton_backend, "_DELTA_GRAD_MAX_BLOCK_K", 2)
+    indices = select_per_neuron(torch.randn(9, 13), 3)
     x = torch.randn(70, 13)
     grad = torch.randn(70, 9)
     expected = (grad.T @ x).gather(1, indices.long())
-    got = triton_backend.delta_grad(grad.to(DEVICE), x.to(DEVICE), indices.long().to(DEVICE))
+    got = triton_backend.delta_grad(grad.T.contiguous().to(DEVICE), x.T.contiguous().to(DEVICE),
+                                    indices.to(DEVICE))
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-5)
 
 

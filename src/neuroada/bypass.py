@@ -238,14 +238,15 @@ def _bypass_backward_op(grad: Tensor, saved_x: Tensor, delta: Tensor, columns: T
     grad_x = saved_x.new_empty(0)
     grad_delta = delta.new_empty(0)
     with torch.autocast(grad.device.type, enabled=False):
-        if backend == "triton":
-            if need_input_grad:
-                grad_x = triton_backend.input_grad(grad, delta, transposed_rows, transposed_order,
-                                                   transposed_offsets, in_features, saved_x.dtype)
-            if need_delta_grad:  # saved_x is [tokens, u] or [tokens, in]: token-major either way
-                grad_delta = triton_backend.delta_grad(grad, saved_x, sampled_columns).to(delta.dtype)
-            return grad_x, grad_delta
         grad_t = _transposed_f32(grad)  # [out, tokens]
+        if backend == "triton":  # the kernels read feature-major operands, in their own dtypes
+            if need_input_grad:
+                grad_x = triton_backend.input_grad(grad_t, delta, transposed_rows, transposed_order,
+                                                   transposed_offsets, in_features, saved_x.dtype)
+            if need_delta_grad:
+                x_t = saved_x if kept_layout else saved_x.T.contiguous()
+                grad_delta = triton_backend.delta_grad(grad_t, x_t, sampled_columns).to(delta.dtype)
+            return grad_x, grad_delta
         if need_input_grad:
             if backend == "dense":
                 grad_x = (grad_t.T @ dense_matrix(delta, columns, in_features)).to(saved_x.dtype)
@@ -271,10 +272,10 @@ def _bypass_setup_context(ctx, inputs, output):
     (x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, kept, kept_columns,
      backend, keep_columns) = inputs
     keep = keep_columns and ctx.needs_input_grad[1]  # without a delta gradient x is not needed at all
-    saved_x = _kept_input(x2d, kept, token_major=backend == "triton") if keep else x2d
+    saved_x = _kept_input(x2d, kept) if keep else x2d
     ctx.save_for_backward(saved_x, delta, columns, kept_columns if keep else columns, transposed_rows,
                           transposed_order, transposed_offsets, row_offsets)
-    ctx.backend, ctx.in_features, ctx.kept_layout = backend, x2d.shape[1], keep and backend != "triton"
+    ctx.backend, ctx.in_features, ctx.kept_layout = backend, x2d.shape[1], keep
 
 
 def _bypass_backward(ctx, grad):
@@ -332,7 +333,7 @@ def _(grad, saved_x, weight_rows, delta, columns, sampled_columns, row_offsets, 
 def _linear_bypass_setup_context(ctx, inputs, output):
     x2d, weight_rows, bias, delta, columns, row_offsets, kept, kept_columns, keep_columns = inputs
     keep = keep_columns and ctx.needs_input_grad[3]
-    saved_x = _kept_input(x2d, kept, token_major=False) if keep else x2d
+    saved_x = _kept_input(x2d, kept) if keep else x2d
     ctx.save_for_backward(saved_x, weight_rows, delta, columns, kept_columns if keep else columns, row_offsets)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.kept_layout = keep
@@ -371,13 +372,11 @@ def _transposed_f32(matrix: Tensor) -> Tensor:
     return out
 
 
-def _kept_input(x2d: Tensor, kept: Tensor, token_major: bool) -> Tensor:
-    """``x2d[:, kept]`` in x's dtype, laid out the way the backward reads it: ``[tokens, u]`` for the Triton kernels,
-    ``[u, tokens]`` for the CPU sampled product (which then needs no transpose of x). On the CPU the gather runs in
-    slabs of token rows, so that each slab's transpose stays in cache."""
+def _kept_input(x2d: Tensor, kept: Tensor) -> Tensor:
+    """``x2d[:, kept]`` in x's dtype, laid out the way every backward reads it: feature-major ``[u, tokens]`` (the
+    sampled product and the Triton kernels then need no transpose of x). On the CPU the gather runs in slabs of
+    token rows, so that each slab's transpose stays in cache."""
     kept = kept.long()
-    if token_major:
-        return x2d.index_select(1, kept)
     if x2d.device.type != "cpu":
         return x2d.index_select(1, kept).T.contiguous()
     out = torch.empty(kept.numel(), x2d.shape[0], dtype=x2d.dtype, device=x2d.device)
