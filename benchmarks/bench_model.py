@@ -171,7 +171,8 @@ def run_one(method: str, shape: str, steps: int, weights: str) -> dict:
     # (freed blocks it keeps resident, which differ with each method's order of allocations)
     allocated = peak_bytes_allocated(step)
     return {"method": method, "shape": shape, "seconds": statistics.median(times), "peak_bytes": memory.peak,
-            "trainable": sum(p.numel() for p in trainable), "kept_bytes": kept, "allocated_bytes": allocated}
+            "trainable": sum(p.numel() for p in trainable), "kept_bytes": kept, "allocated_bytes": allocated,
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
 
 
 def main():
@@ -182,6 +183,10 @@ def main():
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--weights", choices=["real", "random", "tiny"], default="real")
     parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--mmap-threshold", type=int, metavar="BYTES",
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ in every worker: freed blocks of this size and up go "
+                             "back to the system at once, so the resident peaks compare what each method uses, not "
+                             "what glibc kept from its order of allocations (default: glibc's dynamic threshold)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -192,12 +197,15 @@ def main():
 
     methods = ["frozen"] + [m for m in args.methods if m != "frozen"]  # the floor every ratio needs
     runs: dict[tuple[str, str], list[dict]] = {}
+    environment = None if args.mmap_threshold is None else dict(os.environ,
+                                                                MALLOC_MMAP_THRESHOLD_=str(args.mmap_threshold))
     for round_number in range(args.rounds):
         for shape in args.shapes:
             for method in methods:
                 command = [sys.executable, __file__, "--worker", method, shape, "--steps", str(args.steps),
                            "--weights", args.weights]
-                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                output = subprocess.run(command, capture_output=True, text=True, check=True,
+                                        env=environment).stdout
                 result = json.loads(output.strip().splitlines()[-1])
                 runs.setdefault((method, shape), []).append(result)
                 print(f"  round {round_number + 1}, {shape}, {method}: {result['seconds']:.2f} s/step, "
@@ -209,7 +217,9 @@ def main():
     model_name = "tiny (smoke test) Llama" if args.weights == "tiny" else f"SmolLM2-135M ({args.weights} weights)"
     print(f"{model_name}, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"step time: median of {args.steps} steps per run, ratio to the same round's frozen floor, median "
-          f"[min-max] over {args.rounds} rounds; memory: peak resident set size, median over rounds\n")
+          f"[min-max] over {args.rounds} rounds; memory: peak resident set size, median over rounds"
+          + ("" if args.mmap_threshold is None else f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold} in every worker")
+          + "\n")
     for shape in args.shapes:
         floor = runs[("frozen", shape)]
         floor_peak = statistics.median(r["peak_bytes"] for r in floor)

@@ -77,11 +77,17 @@ def test_bench_model_methods_at_toy_size(benchmark, monkeypatch, capsys):
 
 
 @pytest.mark.slow  # a worker process per method, each importing transformers and PEFT: ~5 s each
-def test_bench_model_script_at_toy_size(benchmark, monkeypatch, capsys):
+def test_bench_model_script_at_toy_size(benchmark, monkeypatch, capsys, tmp_path):
     bench_model = benchmark("bench_model")
+    results = tmp_path / "runs.json"
     out = run_main(bench_model, ["--weights", "tiny", "--shapes", "1x8+gc", "--rounds", "1", "--steps", "1",
-                                 "--methods", "frozen", "neuroada-k1"], monkeypatch, capsys)
+                                 "--methods", "frozen", "neuroada-k1", "--mmap-threshold", "3000000", "--json",
+                                 str(results)], monkeypatch, capsys)
     assert "tiny (smoke test) Llama" in out and "| neuroada-k1 |" in out and "| frozen |" in out
+    assert "MALLOC_MMAP_THRESHOLD_=3000000 in every worker" in out
+    # the setting reached each worker process, where glibc reads it at start
+    assert {run["malloc_mmap_threshold"] for runs in json.loads(results.read_text()).values() for run in runs} == {
+        "3000000"}
 
 
 @pytest.mark.slow  # loads the real MiniLM in a worker process: ~10 s
