@@ -83,3 +83,26 @@ def test_row_offsets_are_64_bit_past_two_to_the_31():
     expected = torch.tensor([(first_row + i) * stride for i in range(4)], dtype=torch.int64)
     assert expected.max() >= 2**31
     assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("keep_columns", [True, False], ids=["x[:, kept] kept", "x kept whole"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_saved_layouts_give_the_reference_gradients(keep_columns, dtype):
+    """The backward reads x feature-major either way: the gathered copy is made so in the forward, x kept whole is
+    transposed in the backward. Both must give the same gradients (k=2 of 23 inputs: the kept columns are a strict
+    subset, so a wrong remapping of the columns into them would show)."""
+    generator = torch.Generator().manual_seed(7)
+    indices = select_per_neuron(torch.randn(19, 23, generator=generator), 2)
+    pattern = build_pattern(indices.to(DEVICE), 23)
+    assert pattern.kept.numel() < 23
+    x = torch.randn(3, 45, 23, generator=generator).to(DEVICE, dtype).requires_grad_(True)
+    delta = torch.randn(19, 2, generator=generator).to(DEVICE).requires_grad_(True)
+    out = sparse_bypass(x, delta, pattern, "triton", keep_columns=keep_columns)
+    upstream = torch.randn(out.shape, generator=generator).to(DEVICE)
+    grad_x, grad_delta = torch.autograd.grad(out, (x, delta), upstream)
+    ref = sparse_bypass_reference(x, delta, indices.to(DEVICE))
+    ref_x, ref_delta = torch.autograd.grad(ref, (x, delta), upstream)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, ref, atol=tol * 23, rtol=tol)
+    torch.testing.assert_close(grad_x.float(), ref_x.float(), atol=tol * 45, rtol=tol)
+    torch.testing.assert_close(grad_delta, ref_delta, atol=tol * 45, rtol=tol)
