@@ -145,7 +145,17 @@ def training_step(model, tokens):
     return step, trainable
 
 
-def run_one(method: str, shape: str, steps: int, weights: str) -> dict:
+def profile_step(step) -> dict[str, float]:
+    """Self CPU seconds per operator over one step (torch's profiler; ops nested in others count in neither's
+    parent), so that a step-time ratio can be split into where the extra time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return {event.key: event.self_cpu_time_total / 1e6 for event in prof.key_averages()}
+
+
+def run_one(method: str, shape: str, steps: int, weights: str, profile: bool = False) -> dict:
     batch, seq, checkpointing = parse_shape(shape)
     model = smollm2(weights)
     if checkpointing:
@@ -172,7 +182,8 @@ def run_one(method: str, shape: str, steps: int, weights: str) -> dict:
     allocated = peak_bytes_allocated(step)
     return {"method": method, "shape": shape, "seconds": statistics.median(times), "peak_bytes": memory.peak,
             "trainable": sum(p.numel() for p in trainable), "kept_bytes": kept, "allocated_bytes": allocated,
-            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "ops": profile_step(step) if profile else None}
 
 
 def main():
@@ -187,10 +198,13 @@ def main():
                         help="glibc's MALLOC_MMAP_THRESHOLD_ in every worker: freed blocks of this size and up go "
                              "back to the system at once, so the resident peaks compare what each method uses, not "
                              "what glibc kept from its order of allocations (default: glibc's dynamic threshold)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one more step per run and print, per method, the operators whose self "
+                             "time differs most from the frozen floor's (first round)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_one(*args.worker, args.steps, args.weights)))
+        print(json.dumps(run_one(*args.worker, args.steps, args.weights, args.profile)))
         return
 
     from common import markdown_table
@@ -203,7 +217,7 @@ def main():
         for shape in args.shapes:
             for method in methods:
                 command = [sys.executable, __file__, "--worker", method, shape, "--steps", str(args.steps),
-                           "--weights", args.weights]
+                           "--weights", args.weights] + (["--profile"] if args.profile else [])
                 output = subprocess.run(command, capture_output=True, text=True, check=True,
                                         env=environment).stdout
                 result = json.loads(output.strip().splitlines()[-1])
@@ -239,6 +253,26 @@ def main():
         print(markdown_table(["method", "trainable", "step vs frozen", "peak GB", "peak vs frozen",
                               "peak MB above frozen", "MB kept for backward", "kept above frozen",
                               "allocated peak above frozen"], rows))
+        print()
+        if args.profile:
+            print_profile_differences(shape, methods, runs)
+
+
+def print_profile_differences(shape: str, methods: list[str], runs: dict, top: int = 10) -> None:
+    """Per method, the operators whose self CPU time in one profiled step differs most from the frozen floor's."""
+    from common import markdown_table
+
+    floor = runs[("frozen", shape)][0]["ops"]
+    for method in methods[1:]:
+        ops = runs[(method, shape)][0]["ops"]
+        total = sum(ops.values()) - sum(floor.values())
+        differences = sorted(((name, ops.get(name, 0.0) - floor.get(name, 0.0)) for name in set(ops) | set(floor)),
+                             key=lambda item: -abs(item[1]))[:top]
+        print(f"{shape}, {method}: profiled step {sum(ops.values()):.2f} s against the floor's "
+              f"{sum(floor.values()):.2f} s ({total:+.2f} s); the operators that differ most:\n")
+        print(markdown_table(["operator (self time)", "frozen s", f"{method} s", "difference s", "share of the extra"],
+                             [[name, f"{floor.get(name, 0.0):.3f}", f"{ops.get(name, 0.0):.3f}", f"{diff:+.3f}",
+                               f"{diff / total:.0%}" if total > 0 else "-"] for name, diff in differences]))
         print()
 
 

@@ -82,9 +82,10 @@ def test_bench_model_script_at_toy_size(benchmark, monkeypatch, capsys, tmp_path
     results = tmp_path / "runs.json"
     out = run_main(bench_model, ["--weights", "tiny", "--shapes", "1x8+gc", "--rounds", "1", "--steps", "1",
                                  "--methods", "frozen", "neuroada-k1", "--mmap-threshold", "3000000", "--json",
-                                 str(results)], monkeypatch, capsys)
+                                 str(results), "--profile"], monkeypatch, capsys)
     assert "tiny (smoke test) Llama" in out and "| neuroada-k1 |" in out and "| frozen |" in out
     assert "MALLOC_MMAP_THRESHOLD_=3000000 in every worker" in out
+    assert "1x8+gc, neuroada-k1: profiled step" in out and "neuroada::" in out  # the op's own time is attributed
     # the setting reached each worker process, where glibc reads it at start
     assert {run["malloc_mmap_threshold"] for runs in json.loads(results.read_text()).values() for run in runs} == {
         "3000000"}
