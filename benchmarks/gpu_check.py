@@ -445,47 +445,42 @@ def part_kernel_timing(plan: Plan, deadline: Deadline) -> dict:
                 plan.device)
             pattern = build_pattern(indices, in_features)
             delta = torch.randn(out_features, k, generator=generator).to(plan.device)
+            # per kernel: the variants to time, as (module attribute, value); the delta gradient also tries fewer
+            # j per program (registers against re-reads of its grad_t tile)
             kernels = {
-                "forward": ("_FORWARD_TILES", FEATURE_TOKEN_TILES,
+                "forward": ([("_FORWARD_TILES", tiles) for tiles in FEATURE_TOKEN_TILES],
                             lambda: triton_backend.bypass_forward(x, delta, pattern.columns)),
-                "input_grad": ("_INPUT_GRAD_TILES", FEATURE_TOKEN_TILES,
+                "input_grad": ([("_INPUT_GRAD_TILES", tiles) for tiles in FEATURE_TOKEN_TILES],
                                lambda: triton_backend.input_grad(grad_t, delta, pattern.transposed_rows,
                                                                  pattern.transposed_order, pattern.transposed_offsets,
                                                                  in_features, dtype)),
-                "delta_grad": ("_DELTA_GRAD_TILES", FEATURE_TOKEN_TILES,
+                "delta_grad": ([("_DELTA_GRAD_TILES", tiles) for tiles in FEATURE_TOKEN_TILES]
+                               + [("_DELTA_GRAD_MAX_BLOCK_K", block_k) for block_k in (8, 16)],
                                lambda: triton_backend.delta_grad(grad_t, x_t, pattern.columns)),
             }
-            for kernel, (attribute, sizes, run) in kernels.items():
+            for kernel, (variants, run) in kernels.items():
                 reference = run()
-                for size in sizes:
+                for attribute, value in variants:
+                    label = f"j chunk {value}" if attribute == "_DELTA_GRAD_MAX_BLOCK_K" else str(value)
                     if deadline.left() < 0:
-                        truncated = f"stopped before {kernel} k={k} {size}: time share used"
+                        truncated = f"stopped before {kernel} k={k} {label}: time share used"
                         break
-                    setattr(triton_backend, attribute, size)
+                    setattr(triton_backend, attribute, value)
                     try:
                         seconds = timed(run)
                         error = relative_error(run().float(), reference.double())
-                        results.append({"kernel": kernel, "k": k, "blocks": size, "ms": seconds * 1000,
+                        results.append({"kernel": kernel, "k": k, "variant": label, "ms": seconds * 1000,
                                         "error_vs_default": error})
-                        rows.append([kernel, str(k), str(size), f"{seconds * 1000:.3f} ms", f"{error:.1e}"])
+                        rows.append([kernel, str(k), label, f"{seconds * 1000:.3f} ms", f"{error:.1e}"])
                     except Exception as error:
-                        rows.append([kernel, str(k), str(size), f"error: {type(error).__name__}: {error}"[:200], "-"])
+                        rows.append([kernel, str(k), label, f"error: {type(error).__name__}: {error}"[:200], "-"])
                     finally:
                         setattr(triton_backend, attribute, defaults[attribute])
-                if kernel == "delta_grad" and deadline.left() > 0:  # j per program: registers against re-reads
-                    for block_k in (8, 16):
-                        triton_backend._DELTA_GRAD_MAX_BLOCK_K = block_k
-                        try:
-                            seconds = timed(run)
-                            error = relative_error(run().float(), reference.double())
-                            rows.append([kernel, str(k), f"{defaults['_DELTA_GRAD_TILES']}, j chunk {block_k}",
-                                         f"{seconds * 1000:.3f} ms", f"{error:.1e}"])
-                        finally:
-                            triton_backend._DELTA_GRAD_MAX_BLOCK_K = defaults["_DELTA_GRAD_MAX_BLOCK_K"]
     finally:
         for name, value in defaults.items():
             setattr(triton_backend, name, value)
-    table = markdown_table(["kernel", "k", "tiles (features, tokens, warps)", "time", "error vs default tiles"], rows)
+    table = markdown_table(["kernel", "k", "tiles (features, tokens, warps) or j per program", "time",
+                            "error vs the defaults"], rows)
     table += (f"\n\n{in_features}->{out_features}, {tokens} tokens, {str(dtype).replace('torch.', '')}; median of "
               f"{plan.timing_rounds} rounds of {plan.timing_inner} calls. Defaults: "
               + ", ".join(f"{name} {value}" for name, value in defaults.items()))
