@@ -215,6 +215,8 @@ def test_transposed_copy_matches_transpose(rows, cols, dtype, monkeypatch):
 
     monkeypatch.setattr(bypass, "_TRANSPOSE_SLAB_ROWS", 16)  # several slabs, the last one partial
     matrix = torch.randn(rows, cols).to(dtype)
-    got = bypass._transposed_f32(matrix)
+    got = bypass._transposed(matrix)
     assert got.dtype == torch.float32 and got.is_contiguous()
     assert torch.equal(got, matrix.T.float())
+    kept_dtype = bypass._transposed(matrix, dtype)  # what the Triton backward reads: no float32 copy
+    assert kept_dtype.dtype == dtype and kept_dtype.is_contiguous() and torch.equal(kept_dtype, matrix.T)

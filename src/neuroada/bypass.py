@@ -220,8 +220,8 @@ def _bypass_op(x2d: Tensor, delta: Tensor, columns: Tensor, transposed_rows: Ten
             return triton_backend.bypass_forward(x2d, delta, columns)
         if backend == "dense":
             return x2d.float() @ dense_matrix(delta, columns, x2d.shape[1]).T
-        out_t = F.embedding_bag(columns, _transposed_f32(x2d), per_sample_weights=delta.float(), mode="sum")
-        return _transposed_f32(out_t)
+        out_t = F.embedding_bag(columns, _transposed(x2d), per_sample_weights=delta.float(), mode="sum")
+        return _transposed(out_t)
 
 
 @_bypass_op.register_fake
@@ -238,13 +238,13 @@ def _bypass_backward_op(grad: Tensor, saved_x: Tensor, delta: Tensor, columns: T
     grad_x = saved_x.new_empty(0)
     grad_delta = delta.new_empty(0)
     with torch.autocast(grad.device.type, enabled=False):
-        grad_t = _transposed_f32(grad)  # [out, tokens]
+        grad_t = _transposed(grad)  # [out, tokens]
         if backend == "triton":  # the kernels read feature-major operands, in their own dtypes
             if need_input_grad:
                 grad_x = triton_backend.input_grad(grad_t, delta, transposed_rows, transposed_order,
                                                    transposed_offsets, in_features, saved_x.dtype)
             if need_delta_grad:
-                x_t = saved_x if kept_layout else saved_x.T.contiguous()
+                x_t = _feature_major(saved_x, kept_layout, saved_x.dtype)
                 grad_delta = triton_backend.delta_grad(grad_t, x_t, sampled_columns).to(delta.dtype)
             return grad_x, grad_delta
         if need_input_grad:
@@ -254,9 +254,9 @@ def _bypass_backward_op(grad: Tensor, saved_x: Tensor, delta: Tensor, columns: T
                 weights = delta.float().reshape(-1)[transposed_order]
                 grad_x_t = F.embedding_bag(transposed_rows, grad_t, transposed_offsets, per_sample_weights=weights,
                                            mode="sum", include_last_offset=True)
-                grad_x = _transposed_f32(grad_x_t).to(saved_x.dtype)
+                grad_x = _transposed(grad_x_t).to(saved_x.dtype)
         if need_delta_grad:
-            grad_delta = _sampled_product(grad_t, _feature_major_f32(saved_x, kept_layout), sampled_columns,
+            grad_delta = _sampled_product(grad_t, _feature_major(saved_x, kept_layout), sampled_columns,
                                           row_offsets).to(delta.dtype)
     return grad_x, grad_delta
 
@@ -317,7 +317,7 @@ def _linear_bypass_backward_op(grad: Tensor, saved_x: Tensor, weight_rows: Tenso
             composed = _composed_weight(weight_rows, delta, columns)
             grad_x = (grad.to(composed.dtype) @ composed).to(saved_x.dtype)
         if need_delta_grad:
-            grad_delta = _sampled_product(_transposed_f32(grad), _feature_major_f32(saved_x, kept_layout),
+            grad_delta = _sampled_product(_transposed(grad), _feature_major(saved_x, kept_layout),
                                           sampled_columns, row_offsets).to(delta.dtype)
     return grad_x, grad_delta
 
@@ -361,10 +361,10 @@ def _composed_weight(weight_rows: Tensor, delta: Tensor, columns: Tensor) -> Ten
     return composed.scatter_add_(1, columns.long(), delta.float())
 
 
-def _transposed_f32(matrix: Tensor) -> Tensor:
-    """``matrix.T`` as a contiguous float32 tensor. Copied in slabs of rows: PyTorch's blocked transpose runs on one
-    thread and thrashes the cache on power-of-two strides; slabs of 128 rows measured 1.4-2x faster on CPU."""
-    out = torch.empty(matrix.shape[1], matrix.shape[0], dtype=torch.float32, device=matrix.device)
+def _transposed(matrix: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``matrix.T`` as a contiguous tensor of ``dtype``. Copied in slabs of rows: PyTorch's blocked transpose runs on
+    one thread and thrashes the cache on power-of-two strides; slabs of 128 rows measured 1.4-2x faster on CPU."""
+    out = torch.empty(matrix.shape[1], matrix.shape[0], dtype=dtype, device=matrix.device)
     if matrix.device.type != "cpu":
         return out.copy_(matrix.T)
     for start in range(0, matrix.shape[0], _TRANSPOSE_SLAB_ROWS):
@@ -386,9 +386,10 @@ def _kept_input(x2d: Tensor, kept: Tensor) -> Tensor:
     return out
 
 
-def _feature_major_f32(saved_x: Tensor, kept_layout: bool) -> Tensor:
-    """The saved input as float32 ``[features, tokens]``: a gathered copy is already laid out so, x is transposed."""
-    return saved_x.float() if kept_layout else _transposed_f32(saved_x)
+def _feature_major(saved_x: Tensor, kept_layout: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The saved input as ``[features, tokens]`` of ``dtype``: a gathered copy is already laid out so, x is
+    transposed."""
+    return saved_x.to(dtype) if kept_layout else _transposed(saved_x, dtype)
 
 
 def _sampled_product(grad_t: Tensor, x_t: Tensor, columns: Tensor, row_offsets: Tensor) -> Tensor:
