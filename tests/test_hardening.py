@@ -341,3 +341,147 @@ def test_backend_is_decided_by_one_rule():
     assert bypass.choose_backend("fused", x_big, k=1, fusable=False) == "gather"
     assert bypass.choose_backend("dense", x_small, k=1, fusable=True) == "dense"
     assert x_big.device == cpu
+
+
+# ------------------------------------------------------------------ 4. an audit of silent failures (session 4)
+
+
+def _trained_gpt2(config, seed=0):
+    model = get_peft_model(tiny_gpt2_model(seed), config)
+    randomize_deltas(model, seed=seed + 1)
+    return model.eval()
+
+
+def tiny_gpt2_model(seed=0):
+    from conftest import tiny_gpt2
+
+    return tiny_gpt2(seed)
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def test_refused_load_into_an_existing_adapter_keeps_that_adapter(tmp_path, tokens):
+    """PEFT (and the Trainer resuming a checkpoint) loads into an adapter that exists already; a refusal there must
+    leave it in place, not undo it as if the load had injected it."""
+    get_peft_model(tiny_gpt2_model(), NeuroAdaConfig(k=3)).save_pretrained(tmp_path)  # another k
+    model = _trained_gpt2(NeuroAdaConfig(k=2))
+    before = _logits(model, tokens)
+    layers = len(neuroada_layers(model))
+    with pytest.raises(AdapterLoadError):
+        model.load_adapter(tmp_path, adapter_name="default")
+    assert list(model.peft_config) == ["default"] and len(neuroada_layers(model)) == layers
+    assert torch.equal(_logits(model, tokens), before)
+
+
+def test_refused_load_of_a_new_adapter_still_takes_it_back(tmp_path, tokens):
+    get_peft_model(tiny_gpt2_model(seed=1), NeuroAdaConfig(k=2, save_indices=False)).save_pretrained(tmp_path)
+    model = _trained_gpt2(NeuroAdaConfig(k=2))
+    before = _logits(model, tokens)
+    with pytest.raises(AdapterLoadError):  # another base: the recomputed selection differs
+        model.load_adapter(tmp_path, adapter_name="other")
+    assert list(model.peft_config) == ["default"]
+    assert all(set(layer.neuroada_delta) == {"default"} for layer in neuroada_layers(model))
+    assert torch.equal(_logits(model, tokens), before)
+
+
+@pytest.mark.parametrize("save_indices", [True, False])
+def test_load_into_an_existing_adapter_uses_the_files_selection(tmp_path, tokens, save_indices):
+    """The live adapter's config (another selection) must not decide where the file's deltas land."""
+    source = _trained_gpt2(NeuroAdaConfig(k=2, selection="random", seed=11, save_indices=save_indices))
+    source.save_pretrained(tmp_path)
+    expected = _logits(source, tokens)
+    model = get_peft_model(tiny_gpt2_model(), NeuroAdaConfig(k=2, save_indices=not save_indices)).eval()
+    if save_indices:  # the file holds its indices: they are the selection
+        model.load_adapter(tmp_path, adapter_name="default")
+        torch.testing.assert_close(_logits(model, tokens), expected)
+    else:  # recomputed from the live config, which selects otherwise: refused, the model unchanged
+        before = _logits(model, tokens)
+        with pytest.raises(AdapterLoadError, match="selection"):
+            model.load_adapter(tmp_path, adapter_name="default")
+        assert torch.equal(_logits(model, tokens), before)
+
+
+@pytest.mark.parametrize("write", ["assign", "in_place"])
+def test_indices_written_directly_are_what_forward_and_merge_use(tokens, write):
+    model = _trained_gpt2(NeuroAdaConfig(k=2))
+    _logits(model, tokens)  # caches the index layouts
+    for layer in neuroada_layers(model):
+        old = layer.neuroada_indices["default"]
+        new = select_per_neuron(layer.weight_rows(), 2, "smallest").to(old.dtype)
+        if write == "assign":
+            layer.neuroada_indices["default"] = new
+        else:
+            old.copy_(new)
+    unmerged = _logits(model, tokens)
+    reference = get_peft_model(tiny_gpt2_model(), NeuroAdaConfig(k=2, selection="smallest")).eval()
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(unmerged, _logits(reference, tokens))
+    model.merge_adapter()
+    torch.testing.assert_close(_logits(model, tokens), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_training_after_a_forward_under_inference_mode(tokens):
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+    with torch.inference_mode():
+        model(input_ids=tokens)
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert all(layer.neuroada_delta["default"].grad is not None for layer in neuroada_layers(model))
+
+
+@pytest.mark.parametrize("factory", ["llama_untied", "gpt2"])
+def test_merge_and_unload_with_trainable_tokens(tokens, factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if factory == "gpt2":
+        base = tiny_gpt2_model()
+    else:
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    model = get_peft_model(base, NeuroAdaConfig(k=2, trainable_token_indices=[3, 7], init_weights=False)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                parameter.add_(torch.randn_like(parameter))
+    expected = _logits(model, tokens)
+    merged = model.merge_and_unload()
+    assert not neuroada_layers(merged) and isinstance(merged.get_input_embeddings(), nn.Embedding)
+    torch.testing.assert_close(_logits(merged, tokens), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_offloaded_model_computes_what_it_did_or_refuses(tokens):
+    """accelerate's offload hooks onload a module's weights when its forward runs; the deltas must be onloaded too
+    (NeuroAda reads them without calling a module), never used from the meta device."""
+    from accelerate import cpu_offload
+
+    for repeats in (1, 64):  # 18 tokens (the sparse bypass) and 1,152 (the fused layer, from 512 tokens)
+        model = _trained_gpt2(NeuroAdaConfig(k=2))
+        batch = tokens.repeat(repeats, 1)
+        expected = _logits(model, batch)
+        cpu_offload(model.base_model.model, execution_device="cpu")
+        torch.testing.assert_close(_logits(model, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_two_checkpointed_forwards_backpropagated_one_after_the_other(tokens):
+    """The first backward must not change what the second forward's recomputation keeps (non-reentrant
+    checkpointing, transformers' default)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, NeuroAdaConfig(k=2, init_weights=False))
+        model.train()
+        for _ in range(2):  # the first step learns who shares an input, the second acts on it
+            model.zero_grad()
+            first = model(input_ids=tokens, labels=tokens).loss
+            second = model(input_ids=tokens.flip(1), labels=tokens.flip(1)).loss
+            first.backward()
+            second.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)

@@ -157,7 +157,8 @@ class NeuroAdaLayer(BaseTunerLayer):
         # The base weight at each adapter's selected positions, taken where the selection was computed (see
         # selected_base_values), with the indices tensor and version they belong to.
         self._base_values: dict[str, tuple[torch.Tensor, Optional[int], torch.Tensor]] = {}
-        self._patterns: dict[str, SparsePattern] = {}
+        # adapter -> (the op's index layouts, the indices tensor and version they were built from): see pattern()
+        self._patterns: dict[str, tuple[SparsePattern, torch.Tensor, Optional[int]]] = {}
         self._selection_keys: dict[str, tuple[SparsePattern, str]] = {}  # see _selection_key (mixed batches)
         # Whether another adapted layer reads the same input tensor (q/k/v, gate/up): "learning" in the forwards
         # that train the deltas, until the first backward has accumulated this layer's delta gradient
@@ -167,6 +168,11 @@ class NeuroAdaLayer(BaseTunerLayer):
         # what its forward saved, however many other forwards (a DPO reference, an evaluation) run in between.
         self._input_sharing = "learning"
         self._inputs_recorded = False
+        # Training forwards seen while learning, and backwards that reached the delta since: the decision waits
+        # until every such forward has had its backward (two forwards, then their two backwards, as a checkpointed
+        # model recomputes each forward in its backward and must keep what that forward kept).
+        self._learning_forwards = 0
+        self._learning_backwards = 0
         self._input_seen_shared = False
         self._disable_adapters = False
         self.merged_adapters = []
@@ -324,13 +330,20 @@ class NeuroAdaLayer(BaseTunerLayer):
         return fragile, indices.cpu()[fragile]
 
     def pattern(self, adapter_name: str) -> SparsePattern:
-        """The op's index layouts, built once per selection. Loading indices into the buffer (load_state_dict)
-        drops them, see :meth:`_forget_patterns`; a move to another device rebuilds them there."""
-        pattern = self._patterns.get(adapter_name)
+        """The op's index layouts, built once per selection and built again whenever the indices may have changed:
+        loaded (see :meth:`_forget_patterns`), assigned, written in place (the tensor's version counter), moved to
+        another device; and when they were built under ``torch.inference_mode`` (inference tensors, which a
+        training step cannot save for its backward) and are now needed outside it."""
         indices = self.neuroada_indices[adapter_name]
-        if pattern is None or pattern.columns.device != indices.device:
-            pattern = self._patterns[adapter_name] = build_pattern(indices, self.in_features)
-        return pattern
+        cached = self._patterns.get(adapter_name)
+        if cached is not None and torch.compiler.is_compiling():
+            return cached[0]  # (a compiled graph is traced once; the version counter is not traceable)
+        if (cached is None or cached[1] is not indices or cached[2] != _version_of(indices)
+                or cached[0].columns.device != indices.device
+                or (cached[0].columns.is_inference() and not torch.is_inference_mode_enabled())):
+            cached = self._patterns[adapter_name] = (build_pattern(indices, self.in_features), indices,
+                                                     _version_of(indices))
+        return cached[0]
 
     @staticmethod
     def _forget_patterns(module, incompatible_keys) -> None:
@@ -454,6 +467,12 @@ def _shared_rows(adapter_names: tuple[str, ...], names: tuple[str, ...], device:
     return (None if whole else torch.tensor(rows, dtype=torch.long, device=device)), slots
 
 
+def _in_backward() -> bool:
+    """Whether autograd is running a backward on this thread (where checkpointing recomputes forwards)."""
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
+
+
 # id of an input tensor -> (a weak reference to it, the adapted layers that read it), while layers learn whether
 # they share their input (see NeuroAdaLayer._keeps_columns); entries go when the tensor does.
 _input_readers: dict[int, tuple[weakref.ref, list[weakref.ref]]] = {}
@@ -491,6 +510,25 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if "_hf_hook" in vars(self.neuroada_delta) or "_hf_hook" in vars(self.neuroada_indices):
+            with self._onloaded():  # accelerate offloading: the deltas and indices wait on the meta device
+                return self._forward(x, *args, **kwargs)
+        return self._forward(x, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _onloaded(self):
+        """Run accelerate's offload hooks of the delta and index dicts around a forward, as calling those modules
+        would: the forward reads their tensors directly, so the hooks would otherwise never put them in place."""
+        hooked = [module for module in (self.neuroada_delta, self.neuroada_indices) if "_hf_hook" in vars(module)]
+        for module in hooked:
+            module._hf_hook.pre_forward(module)
+        try:
+            yield
+        finally:
+            for module in hooked:
+                module._hf_hook.post_forward(module, None)
+
+    def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
@@ -516,6 +554,12 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
     def _forward_with(self, x: torch.Tensor, adapter_names, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer plus the bypasses of ``adapter_names`` (those this layer holds) on the whole batch."""
         active = [name for name in adapter_names if name in self.neuroada_delta]
+        for name in active:
+            if self.neuroada_delta[name].is_meta:
+                raise RuntimeError(
+                    f"NeuroAda adapter {name!r}: the deltas are on the meta device (offloaded by hooks that did not "
+                    "bring them back), so the layer cannot compute its output. Offload with accelerate's cpu_offload "
+                    "/ dispatch_model on the PeftModel's base model, or keep the adapter on a real device.")
         fusable = len(active) == 1 and not args and not kwargs and self._fusable(x)
         backends = {name: choose_backend(self.bypass_backend[name], x, self.neuroada_delta[name].shape[1], fusable)
                     for name in active}
@@ -624,6 +668,8 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         if self._input_sharing == "learning":
             _record_reader(x, self)
             self._inputs_recorded = True
+            if not _in_backward():  # a recomputation inside a backward (checkpointing) is not a forward of its own
+                self._learning_forwards += 1
             return False
         return (self._input_sharing == "alone" and self._base_is_plain_frozen_linear()
                 and keeps_columns(self.pattern(adapter_name)))
@@ -631,8 +677,14 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
     def end_input_learning(self) -> None:
         """Decide whether this layer shares its input with another adapted layer, from the training forwards seen
         so far (every reader of their inputs has run by now). Called when a backward has accumulated the delta's
-        gradient: after every recomputation of this layer in that backward."""
-        if self._input_sharing == "learning" and self._inputs_recorded:
+        gradient: after every recomputation of this layer in that backward. Decided only once every training forward
+        seen so far has had its backward, so that no forward waits for a backward whose recomputation would keep
+        other tensors than it did (a forward that is never backpropagated keeps the layer learning: it then keeps x,
+        which is exact, only not smaller)."""
+        if self._input_sharing != "learning":
+            return
+        self._learning_backwards += 1
+        if self._inputs_recorded and self._learning_backwards >= self._learning_forwards:
             self._input_sharing = "shared" if self._input_seen_shared else "alone"
 
     def _fusable(self, x: torch.Tensor) -> bool:
@@ -656,6 +708,7 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         quantized layer) with a frozen weight, so it saves no input for a backward."""
         base = self.get_base_layer()
         return (type(base).forward is (Conv1D.forward if self.is_conv1d else nn.Linear.forward)
+                and "forward" not in vars(base)  # (replaced on the instance: accelerate's hooks, a wrapper)
                 and not base.weight.requires_grad and not self.quantization)
 
     def __repr__(self) -> str:

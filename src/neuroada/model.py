@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -27,6 +28,9 @@ _PINNED_INDICES = "neuroada_pinned_indices"
 # Key of an adapter saved with indices: the base weight at each selected position, W[i, idx[i, j]], in float16
 # (2 bytes, and readable by numpy, unlike bfloat16).
 _BASE_VALUES = "neuroada_base_values"
+# Key of an adapter saved without indices: the fingerprint of the selection it was trained with (8 bytes), so that a
+# load into an adapter that exists already (whose config PEFT uses instead of the file's) is checked too.
+_SELECTION_FINGERPRINT = "neuroada_selection_fingerprint"
 
 
 class AdapterLoadError(ValueError):
@@ -55,6 +59,7 @@ class NeuroAdaModel(BaseTuner):
         # Kept until the adapter's weights are loaded, so that a failed load can restore trainability too.
         self._requires_grad_before_injection = {param: param.requires_grad for param in model.parameters()}
         self._capped_layers: list[str] = []
+        self._injection = (adapter_name, *_outermost_library_call())
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except BaseException:
@@ -85,6 +90,28 @@ class NeuroAdaModel(BaseTuner):
             self._replace_module(parent, target_name, layer, target)
         if config.k > layer.in_features:
             self._capped_layers.append(current_key)
+
+    def _injected_by_running_call(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` was injected by the PEFT call that is loading its weights now
+        (``PeftModel.from_pretrained``, ``load_adapter`` of a new name), so that a refused load takes it back; a load
+        into an adapter that existed before (``load_adapter`` of its name, the Trainer resuming a checkpoint) must
+        leave it in place. The outermost PEFT/neuroada frame of the injection is still running in the first case."""
+        injection = self.__dict__.pop("_injection", None)
+        if injection is None or injection[0] != adapter_name or injection[1] is None:
+            return False
+        frame = sys._getframe(1)
+        while frame is not None:
+            if id(frame) == injection[1] and frame.f_code is injection[2]:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if hasattr(new_module, "base_layer"):  # a NeuroAda layer going in: PEFT places its adapter weights
+            super()._replace_module(parent, child_name, new_module, child)
+        else:  # a module coming back on unload keeps its own weights (PEFT's generic version would assign the
+            # wrapper's, which for trainable tokens is a plain tensor, not a Parameter); as LoraModel does
+            setattr(parent, child_name, new_module)
 
     def _cast_adapter_dtype(self, *args, **kwargs) -> None:
         # PEFT reads every adapter buffer's dtype right after injection, before a load writes deferred selections
@@ -247,6 +274,8 @@ class NeuroAdaModel(BaseTuner):
                 rows, indices = layer.pinned_rows_for(adapter_name, config.selection)
                 selected[f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_ROWS}"] = rows.to(torch.int32).contiguous()
                 selected[f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_INDICES}"] = indices.contiguous()
+                selected[f"{_PEFT_MODEL_PREFIX}{name}.{_SELECTION_FINGERPRINT}"] = torch.tensor(
+                    list(bytes.fromhex(config.selection_fingerprints[name])), dtype=torch.uint8)
         return selected
 
     @classmethod
@@ -259,9 +288,13 @@ class NeuroAdaModel(BaseTuner):
                 return _validated_for_load(model, config, adapter_name, remapped)
         except AdapterLoadError:
             tuner = getattr(model, "base_model", None)
-            if isinstance(tuner, NeuroAdaModel):
+            if isinstance(tuner, NeuroAdaModel) and tuner._injected_by_running_call(adapter_name):
                 tuner._undo_adapter(adapter_name)
             raise
+        finally:
+            tuner = getattr(model, "base_model", None)
+            if isinstance(tuner, NeuroAdaModel):
+                tuner.__dict__.pop("_injection", None)
 
 
 # Bumped whenever any module anywhere is assigned a submodule (setattr, add_module, ModuleList.append, PEFT's
@@ -319,6 +352,17 @@ class _LayerWalk:
         return any("_hf_hook" in attributes for attributes in self.attributes)
 
 
+def _outermost_library_call() -> tuple:
+    """``(id, code)`` of the outermost frame on the stack that runs PEFT or neuroada code (the user's call into
+    them: get_peft_model, PeftModel.from_pretrained, load_adapter), or ``(None, None)``."""
+    frame, outermost = sys._getframe(1), None
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").partition(".")[0] in ("peft", "neuroada"):
+            outermost = frame
+        frame = frame.f_back
+    return (None, None) if outermost is None else (id(outermost), outermost.f_code)
+
+
 def _inject_adapter_names(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
@@ -351,6 +395,7 @@ def _validated_for_load(model, config, adapter_name, state_dict):
         pinned = (state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_ROWS}", None),
                   state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_INDICES}", None))
         base_values = state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_BASE_VALUES}", None)
+        stored_fingerprint = state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_SELECTION_FINGERPRINT}", None)
         expected_shape = tuple(layer.neuroada_delta[adapter_name].shape)
         if delta_key not in state_dict:
             raise AdapterLoadError(
@@ -364,19 +409,23 @@ def _validated_for_load(model, config, adapter_name, state_dict):
                 "with other shapes. Load it on the base model it was trained on."
             )
         recorded = (config.selection_fingerprints or {}).get(name)
-        if not config.save_indices:
-            # recomputed from this base at injection; the rows that rounding could have broken differently come
-            # from the file
-            indices = _with_pinned_rows(layer.neuroada_indices[adapter_name], *pinned, name)
+        if stored_fingerprint is not None:  # the file's own, whatever config PEFT passed (see _SELECTION_FINGERPRINT)
+            recorded = bytes(stored_fingerprint.to(torch.uint8).tolist()).hex()
+        # The file decides whether it holds indices, not the config: PEFT passes the live adapter's config when it
+        # loads into an adapter that exists already, which may say otherwise.
+        if indices_key not in state_dict:
+            if config.save_indices and stored_fingerprint is None:
+                raise AdapterLoadError(
+                    f"layer {name!r}: the adapter file holds no indices and no fingerprint of its selection, but the "
+                    "config says indices were saved (save_indices=True); adapter_config.json and "
+                    "adapter_model.safetensors come from different saves.")
+            # recomputed from this base with the config's rule; the rows that rounding could have broken
+            # differently come from the file
+            indices = _with_pinned_rows(layer.neuroada_indices.settled(adapter_name), *pinned, name)
             if recorded is not None and recorded != selection_fingerprint(indices):
                 fingerprint_mismatches.append(name)
             state_dict[indices_key] = indices
             continue
-        if indices_key not in state_dict:
-            raise AdapterLoadError(
-                f"layer {name!r}: the adapter config says indices were saved (save_indices=True) but the file has "
-                "none; adapter_config.json and adapter_model.safetensors come from different saves."
-            )
         indices = state_dict[indices_key]
         if tuple(indices.shape) != expected_shape or indices.dtype.is_floating_point:
             raise AdapterLoadError(
