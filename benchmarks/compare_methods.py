@@ -359,7 +359,7 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
                 # seed 0 at the best rate is the sweep's own run: its test score was computed alongside, never
                 # looked at
                 finals = [runs.get(dict(base, method=method, lr=best, seed=seed)) for seed in seeds]
-                rule = rule_rate(method)
+                rule = rule_rate(method, spec["recipe"])
                 if rule is not None and not quick:  # what a user gets without a sweep: the library's default
                     try:
                         ruled = runs.get(dict(base, method=method, lr=rule, seed=0))
@@ -409,14 +409,17 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
     print(table)
 
 
-def rule_rate(method: str) -> float | None:
-    """The learning rate ``neuroada.suggested_learning_rate`` gives a NeuroAda method (None for the others)."""
+def rule_rate(method: str, recipe: str) -> float | None:
+    """The learning rate ``neuroada.suggested_learning_rate`` gives a NeuroAda method on a recipe's task (None for
+    the other methods)."""
     if not method.startswith("neuroada-k"):
         return None
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    from neuroada_recipes.recipes import suggested_learning_rate  # the library's rule, without importing torch
+    # the library's rule, without importing torch
+    from neuroada_recipes.recipes import PEFT_TASK_TYPES, RECIPES, suggested_learning_rate
 
-    return float(f"{suggested_learning_rate(neuroada_k_and_selection(method)[0]):.6g}")
+    task_type = PEFT_TASK_TYPES[RECIPES[recipe]["task"]]
+    return float(f"{suggested_learning_rate(neuroada_k_and_selection(method)[0], task_type):.6g}")
 
 
 def paired_difference(hits: list[list[int]], reference_hits: list[list[int]], resamples: int = BOOTSTRAP_RESAMPLES,

@@ -165,7 +165,9 @@ def test_own_data_gets_neuroadas_training_defaults_and_model(tiny_bert, sentimen
     assert (training.learning_rate, training.per_device_train_batch_size, training.warmup_steps,
             training.lr_scheduler_type) == (3e-2, 32, 10, "linear")  # not TrainingArguments' 5e-5, 8, 0
     _, _, _, training = cli.parse_train_arguments(["--model", tiny_bert, "--data", sentiment_csv, "--k", "8"])
-    assert training.learning_rate == pytest.approx(3e-2 / 8**0.5)  # the rule: falls as 1/sqrt(k)
+    assert training.learning_rate == pytest.approx(3e-2 / 8**0.5)  # the rule with a new head: 1/sqrt(k)
+    _, _, _, training = cli.parse_train_arguments(["--data", "x.jsonl", "--task", "instruction", "--k", "8"])
+    assert training.learning_rate == pytest.approx(3e-2 / 8)  # a language model: 1/k
     task, _, _, training = cli.parse_train_arguments(["--data", sentiment_csv, "--learning_rate", "3e-3"])
     assert task.model == "minilm" and training.learning_rate == 3e-3  # --model defaults as --help says
     task, _, _, training = cli.parse_train_arguments(["--data", "x.jsonl", "--task", "instruction"])
@@ -230,8 +232,12 @@ def test_default_learning_rate_is_the_librarys_rule():
     from neuroada_recipes import recipes
 
     for k in (1, 2, 3, 8, 20, 64, 1000):
-        assert recipes.suggested_learning_rate(k) == suggested_learning_rate(k)
-        assert recipes.default_training_arguments("classification", k)["learning_rate"] == suggested_learning_rate(k)
+        for task_type in (None, "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM"):
+            assert recipes.suggested_learning_rate(k, task_type) == suggested_learning_rate(k, task_type)
+        assert recipes.default_training_arguments("classification", k)["learning_rate"] == suggested_learning_rate(
+            k, "SEQ_CLS")
+        assert recipes.default_training_arguments("instruction", k)["learning_rate"] == suggested_learning_rate(
+            k, "CAUSAL_LM")
 
 
 # ---------------------------------------------------- 3. bad settings: refused before anything loads or is written

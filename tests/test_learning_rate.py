@@ -14,8 +14,13 @@ from neuroada import NeuroAdaConfig, NeuroAdaLearningRateWarning, suggested_lear
 
 def test_rule_values_and_bad_k():
     assert suggested_learning_rate(1) == pytest.approx(3e-2)
-    assert suggested_learning_rate(8) == pytest.approx(3e-2 / 8**0.5)
-    assert suggested_learning_rate(4) == pytest.approx(suggested_learning_rate(1) / 2)
+    assert suggested_learning_rate(8) == pytest.approx(3e-2 / 8)  # a language model: 1/k
+    assert suggested_learning_rate(8, "CAUSAL_LM") == suggested_learning_rate(8)
+    assert suggested_learning_rate(8, "SEQ_CLS") == pytest.approx(3e-2 / 8**0.5)  # a new head: 1/sqrt(k)
+    assert suggested_learning_rate(4, "TOKEN_CLS") == pytest.approx(suggested_learning_rate(1) / 2)
+    from peft import TaskType
+
+    assert suggested_learning_rate(8, TaskType.SEQ_CLS) == suggested_learning_rate(8, "SEQ_CLS")  # the enum too
     with pytest.raises(ValueError, match="k must be at least 1"):
         suggested_learning_rate(0)
 
@@ -50,7 +55,7 @@ def test_a_lora_rate_on_neuroada_deltas_warns_once_with_the_fix():
     assert "k=1" in message and "learning rate 0.0002" in message and "learning_rate=0.03" in message
 
 
-@pytest.mark.parametrize("k, rate", [(1, 3e-2), (1, 1e-2), (8, 3e-3), (20, 1e-3)])
+@pytest.mark.parametrize("k, rate", [(1, 3e-2), (1, 1e-2), (8, 3e-3), (8, 1e-3), (20, 1e-3), (20, 3e-4)])
 def test_rates_near_the_rule_do_not_warn(k, rate):
     model = _model(k=k)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rate)

@@ -5,7 +5,8 @@ Adam moves every trainable entry by about the learning rate per step, whatever i
 neuron has only ``k`` trainable connections, so it needs far larger steps than LoRA's ``A``/``B`` (which move a
 whole row of the weight at once) to change its output as much: every sweep in docs/results.md put NeuroAda's best
 rate 10-30x above LoRA r=8's, and at LoRA's usual rates (1e-4 to 3e-4) the deltas barely move. The rule below
-(3e-2 at k=1, falling as 1/sqrt(k)) is fitted to those sweeps; see ``suggested_learning_rate``.
+(3e-2 at k=1, falling as 1/k for language models and as 1/sqrt(k) with a new classification head) is fitted to
+those sweeps; see ``suggested_learning_rate``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from typing import Optional
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-# Fitted to the sweeps in docs/results.md (all-MiniLM-L6-v2, width 384; SmolLM2-135M, width 576; 70-150 steps of
-# AdamW with linear decay): best rates 3e-2 at k=1 on every task, 1e-2 at k=8, 3e-3..1e-2 at k=20.
+# Fitted to the sweeps in docs/results.md (all-MiniLM-L6-v2 with a new 3-class head, width 384; SmolLM2-135M as a
+# language model, width 576; 70-150 steps of AdamW with linear decay): 3e-2 at k=1 on every task; at k=8 1e-2 with
+# the classification head, 3e-3 for the language model.
 RATE_AT_K1 = 3e-2
+# PEFT task types that put a new, randomly initialised head on the model (trained at the same rate, in full)
+CLASSIFICATION_TASK_TYPES = frozenset({"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})
 # A rate this many times below the rule is LoRA's range, not a choice: warn.
 LOW_RATE_FACTOR = 10.0
 
@@ -32,17 +37,23 @@ class NeuroAdaLearningRateWarning(UserWarning):
     """NeuroAda deltas are being trained at a learning rate far below the one they need (a LoRA rate, usually)."""
 
 
-def suggested_learning_rate(k: int) -> float:
-    """The peak AdamW learning rate for NeuroAda deltas with ``k`` connections per neuron: ``3e-2 / sqrt(k)``
-    (k=1: 3e-2, k=8: 1.1e-2, k=20: 6.7e-3).
+def suggested_learning_rate(k: int, task_type: Optional[str] = None) -> float:
+    """The peak AdamW learning rate for NeuroAda deltas with ``k`` connections per neuron.
 
-    Fitted on two small models (widths 384 and 576), short runs (70-150 steps) with linear decay and warmup; the
-    paper's LLaMA-7B runs (width 4096, longer) used about 3x lower rates (9e-3 at k=1, 7e-4 at k=20). It is a
-    starting point that was within the sweeps' best rate on every task measured, not a guarantee: sweep when it
-    matters."""
+    - a language model (``task_type`` ``"CAUSAL_LM"``, ``None`` and every other PEFT task type): ``3e-2 / k``
+      (k=1: 3e-2, k=8: 3.75e-3, k=20: 1.5e-3);
+    - with a new classification head trained alongside (``"SEQ_CLS"``, ``"TOKEN_CLS"``, ``"QUESTION_ANS"``):
+      ``3e-2 / sqrt(k)`` (k=8: 1.06e-2, k=20: 6.7e-3).
+
+    Fitted on two small models (widths 384 and 576), short runs (70-150 steps) with linear decay and warmup: one
+    model per form, so which of the head, the model or the task makes the difference is not known. The paper's
+    LLaMA-7B rates fall about as 1/k too (9e-3 at k=1, 7e-4 at k=20), about 3x lower. A starting point, not a
+    guarantee: sweep when it matters (docs/results.md shows what each task lost against its swept best)."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    return RATE_AT_K1 / math.sqrt(k)
+    if task_type is not None and str(task_type).rsplit(".", 1)[-1] in CLASSIFICATION_TASK_TYPES:
+        return RATE_AT_K1 / math.sqrt(k)
+    return RATE_AT_K1 / k
 
 
 def track_delta(parameter: torch.nn.Parameter, k: int) -> None:
@@ -65,7 +76,7 @@ def _check_learning_rate(optimizer, args, kwargs) -> None:
         # a scheduler's warmup starts near 0; its "initial_lr" is the peak the user chose
         rate = float(group.get("initial_lr", group["lr"]))
         k = max(ks)
-        suggested = suggested_learning_rate(k)
+        suggested = suggested_learning_rate(k)  # the lower of the two forms: warn only where both agree
         if rate * LOW_RATE_FACTOR <= suggested:
             warnings.warn(
                 f"NeuroAda deltas (k={k}) are trained at learning rate {rate:g}, {suggested / max(rate, 1e-30):.0f}x "

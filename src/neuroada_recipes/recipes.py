@@ -15,17 +15,22 @@ DEFAULT_RECIPE = "minilm-sentiment"
 DEFAULT_MODELS = {"classification": "minilm", "instruction": "smollm2"}
 
 
-def suggested_learning_rate(k: int) -> float:
-    """``neuroada.suggested_learning_rate`` (3e-2 / sqrt(k)), restated here because ``neuroada --help`` must not
-    import torch; a test keeps the two equal."""
-    return 3e-2 / math.sqrt(max(k, 1))
+# the PEFT task type of each command-line task (what neuroada.suggested_learning_rate distinguishes)
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "instruction": "CAUSAL_LM"}
+
+
+def suggested_learning_rate(k: int, task_type: str | None = None) -> float:
+    """``neuroada.suggested_learning_rate`` (3e-2 / k; 3e-2 / sqrt(k) with a new classification head), restated here
+    because ``neuroada --help`` must not import torch; a test keeps the two equal."""
+    k = max(k, 1)
+    return 3e-2 / math.sqrt(k) if task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") else 3e-2 / k
 
 
 def default_training_arguments(task: str, k: int) -> dict:
     """The ``TrainingArguments`` values NeuroAda runs use unless the user gives one; ``neuroada train --help`` shows
-    these values. The learning rate follows ``neuroada.suggested_learning_rate(k)``."""
-    shared = dict(learning_rate=suggested_learning_rate(k), warmup_steps=10, lr_scheduler_type="linear",
-                  num_train_epochs=3)
+    these values. The learning rate follows ``neuroada.suggested_learning_rate(k, task_type)``."""
+    shared = dict(learning_rate=suggested_learning_rate(k, PEFT_TASK_TYPES[task]), warmup_steps=10,
+                  lr_scheduler_type="linear", num_train_epochs=3)
     if task == "instruction":
         return shared | dict(per_device_train_batch_size=8, per_device_eval_batch_size=32)
     return shared | dict(per_device_train_batch_size=32, per_device_eval_batch_size=128)
