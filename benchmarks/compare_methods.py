@@ -94,6 +94,8 @@ def adapt(model, method: str, classification: bool, calibration_batches=None):
         linears = [m.get_base_layer() for m in probe.modules() if hasattr(m, "neuroada_delta")]
         sparsity = sparsity_matching_k(linears, 1)
         names = sorted(n for n, m in probe.base_model.model.named_modules() if hasattr(m, "neuroada_delta"))
+        del probe, linears
+        _release_memory()  # the probe copied the model: give it back, or the run's peak memory would count it
         config = SupertuningConfig(target_modules=names, sparsity=sparsity, task_type=task_type)
         model = get_peft_model(model, config)
         return model, _coverage(model, "supertuning")
@@ -112,6 +114,19 @@ def neuroada_k_and_selection(method: str) -> tuple[int, str]:
     """``neuroada-k8`` -> (8, "magnitude"), ``neuroada-k1-gradient`` -> (1, "gradient")."""
     k, _, criterion = method.removeprefix("neuroada-k").partition("-")
     return int(k), criterion or "magnitude"
+
+
+def _release_memory() -> None:
+    """Free what was dropped and return it to the operating system (glibc keeps freed memory otherwise, and the
+    resident size a run reports as its peak would still include it)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _clone(model):
@@ -214,9 +229,24 @@ def run_one(spec: dict) -> dict:
     scores = {"validation": curve[spec["steps"]], "test": scored[run.metric_name]}
     return {"scores": scores, "test_hits": scored["hits"], "validation_curve": curve, "metric_name": run.metric_name,
             "trainable": trainable, "total": total, "train_seconds": seconds, "adapt_seconds": selection_seconds,
+            "train_rows": len(train), "code": _code_version(),
             "wall_seconds": time.time() - started_run,
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "coverage": coverage,
             "final_loss": trainer.state.log_history[-1].get("train_loss")}
+
+
+def _code_version() -> str | None:
+    """The commit the run's code came from, "+changes" when the library or benchmarks differ from it (a run log
+    that grows over sessions can then tell which runs a code change could have touched)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=root,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed else "")
 
 
 def _raw_validation(run, spec):
@@ -310,7 +340,7 @@ def sweep(runs: Runs, base: dict, method: str, rates: list[float], log) -> tuple
                     raise NotApplicable(results[lr]["not_applicable"])
                 curve = ", ".join(f"step {s}: {v:.4f}" for s, v in results[lr]["validation_curve"].items())
                 log(f"  {method} lr={lr:g}: validation {curve}")
-        best = max(results, key=lambda r: results[r]["scores"]["validation"])
+        best = max(sorted(results), key=lambda r: results[r]["scores"]["validation"])  # ties: the lowest rate
         ordered = sorted(results)
         ratio = ordered[1] / ordered[0] if len(ordered) > 1 else 3.0
         if best == ordered[0] and best / ratio >= 1e-6:
@@ -424,17 +454,35 @@ def rule_rate(method: str, recipe: str) -> float | None:
 
 def paired_difference(hits: list[list[int]], reference_hits: list[list[int]], resamples: int = BOOTSTRAP_RESAMPLES,
                       seed: int = 0) -> dict:
-    """Mean over test examples of (method - reference), each side first averaged over its own seeds, with a
-    percentile bootstrap 95% interval that resamples test examples (the seeds stay paired with their examples)."""
+    """Mean over test examples of (method - reference), each side first averaged over its own seeds, with two
+    percentile bootstrap 95% intervals:
+
+    - ``low``/``high`` resample the test examples only (the seeds stay paired with their examples): how sure the
+      difference is for these trained models;
+    - ``seeds_low``/``seeds_high`` resample each side's seeds too (independently, with replacement), so the interval
+      also holds training noise: what another set of seeds could give. With three seeds a crude estimate, but not
+      an interval that treats the trained models as fixed."""
     import numpy as np
 
-    per_example = np.mean(np.asarray(hits, float), axis=0) - np.mean(np.asarray(reference_hits, float), axis=0)
+    method_hits, reference = np.asarray(hits, float), np.asarray(reference_hits, float)
+    per_example = method_hits.mean(axis=0) - reference.mean(axis=0)
+    examples = len(per_example)
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(per_example), size=(resamples, len(per_example)))
+    draws = rng.integers(0, examples, size=(resamples, examples))
     means = per_example[draws].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
+    # the same example draws, as counts; each seed's score on a draw is then one dot product
+    counts = np.zeros((resamples, examples))
+    np.add.at(counts, (np.repeat(np.arange(resamples), examples), draws.ravel()), 1.0)
+    seed_rng = np.random.default_rng(seed + 1)
+    sides = []
+    for side in (method_hits, reference):
+        per_seed = counts @ side.T / examples  # [resamples, seeds]
+        picked = seed_rng.integers(0, side.shape[0], size=(resamples, side.shape[0]))
+        sides.append(np.take_along_axis(per_seed, picked, axis=1).mean(axis=1))
+    seeds_low, seeds_high = np.percentile(sides[0] - sides[1], [2.5, 97.5])
     return {"difference": float(per_example.mean()), "low": float(low), "high": float(high),
-            "examples": len(per_example)}
+            "seeds_low": float(seeds_low), "seeds_high": float(seeds_high), "examples": examples}
 
 
 def add_paired_differences(rows: dict) -> None:
@@ -453,7 +501,8 @@ def markdown(task, spec, seeds, rows) -> str:
              f"{spec['steps']} steps of batch {spec['batch']}, {spec['train']} training and {spec['validation']} "
              "validation examples; learning rate chosen on validation, seed 0. Paired difference with "
              f"{REFERENCE} in points (each example's score averaged over seeds; bootstrap over the test examples, "
-             f"{BOOTSTRAP_RESAMPLES:,} resamples).", "",
+             f"{BOOTSTRAP_RESAMPLES:,} resamples; \"seeds too\": resampling each side's seeds as well, so that the "
+             "interval also holds training noise).", "",
              f"| method | {metric} | vs {REFERENCE}, paired (95% CI) | trainable | share | best lr (validation at each "
              "swept rate) | validation half-way -> end (per seed) | train s | peak GB | neurons / inputs covered |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -467,7 +516,9 @@ def markdown(task, spec, seeds, rows) -> str:
         curves = "; ".join(" -> ".join(f"{v:.3f}" for v in curve) for curve in row["validation_halfway_to_end"])
         paired = row.get("vs_reference")
         versus = "-" if paired is None else (
-            f"{100 * paired['difference']:+.1f} [{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}]")
+            f"{100 * paired['difference']:+.1f} [{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}]"
+            + (f"; seeds too [{100 * paired['seeds_low']:+.1f}, {100 * paired['seeds_high']:+.1f}]"
+               if "seeds_low" in paired else ""))
         lines.append(f"| {method} | {row['mean']:.4f} +- {row['std']:.4f} | {versus} | {row['trainable']:,} | "
                      f"{100 * row['trainable'] / row['total']:.3f}% | {rate} | {curves or '-'} | "
                      f"{row['train_seconds']:.0f} | {row['peak_gb']:.2f} | {covered} |")

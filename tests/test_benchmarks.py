@@ -115,7 +115,7 @@ def test_paired_difference_with_bootstrap_interval(benchmark):
     compare_methods = benchmark("compare_methods")
     same = [[1, 0, 1, 1, 0] * 20]
     assert compare_methods.paired_difference(same, same) == {"difference": 0.0, "low": 0.0, "high": 0.0,
-                                                              "examples": 100}
+                                                              "seeds_low": 0.0, "seeds_high": 0.0, "examples": 100}
     # 30 examples only the method gets right, 10 only the reference: +0.2, standard error 0.06
     method = [[1] * 30 + [0] * 10 + [1] * 20 + [0] * 40]
     reference = [[0] * 30 + [1] * 10 + [1] * 20 + [0] * 40]
@@ -126,6 +126,12 @@ def test_paired_difference_with_bootstrap_interval(benchmark):
     # each side is averaged over its own seeds first: a method right on half its seeds counts 0.5 per example
     two_seeds = compare_methods.paired_difference([[1, 1], [0, 0]], [[0, 0]], resamples=100)
     assert two_seeds["difference"] == pytest.approx(0.5)
+    # examples alone cannot see that the two seeds disagree completely; resampling the seeds can
+    assert (two_seeds["low"], two_seeds["high"]) == (0.5, 0.5)
+    assert two_seeds["seeds_low"] == 0.0 and two_seeds["seeds_high"] == 1.0
+    # seeds that agree add nothing: both intervals match
+    agreeing = compare_methods.paired_difference([method[0]] * 3, [reference[0]] * 3)
+    assert (agreeing["seeds_low"], agreeing["seeds_high"]) == pytest.approx((agreeing["low"], agreeing["high"]))
 
 
 def test_paired_differences_are_added_against_lora_when_every_run_has_hits(benchmark):
@@ -150,3 +156,18 @@ def test_peak_bytes_allocated_is_the_running_peak_of_live_tensors(benchmark):
 
     assert common.peak_bytes_allocated(body) == 16_000
     assert common.peak_bytes_allocated(lambda: torch.empty(10, 10).sum()) >= 400
+
+
+def test_sweep_ties_go_to_the_lowest_rate(benchmark):
+    """A widening that ties the edge it widened from keeps the lower rate, as docs/results.md says (the rate run
+    first used to win)."""
+    compare_methods = benchmark("compare_methods")
+    def validation(lr):  # 1e-2 and the 3x lower rate tie; lower still is worse
+        return 0.5 if 3e-3 < lr < 2e-2 else 0.3
+
+    class FakeRuns:
+        def get(self, spec):
+            return {"scores": {"validation": validation(spec["lr"])}, "validation_curve": {}}
+
+    best, swept = compare_methods.sweep(FakeRuns(), {}, "neuroada-k1", [1e-2, 3e-2, 1e-1], lambda line: None)
+    assert len(swept) == 5 and best == pytest.approx(1e-2 / 3)
