@@ -419,7 +419,8 @@ def compare(task: str, quick: bool, seeds: list[int], methods: list[str], out: s
                         "validation_by_rate": {f"{lr:g}": v for (lr, seed), v in sorted(
                             runs.finished(base, method).items()) if seed == 0}}
         log(f"{method}: lr {best:g}, test {rows[method]['mean']:.4f} +- {rows[method]['std']:.4f}")
-    add_paired_differences(rows)
+    twin_free = twin_free_test_examples(spec) if REFERENCE in rows else None
+    add_paired_differences(rows, twin_free)
     hours = runs.seconds(base) / 3600
     with open(os.path.join(out, f"{name}.json"), "w") as handle:
         json.dump({"task": task, "spec": spec, "seeds": seeds, "threads": threads, "run_hours": hours,
@@ -485,14 +486,58 @@ def paired_difference(hits: list[list[int]], reference_hits: list[list[int]], re
             "seeds_low": float(seeds_low), "seeds_high": float(seeds_high), "examples": examples}
 
 
-def add_paired_differences(rows: dict) -> None:
-    """``row["vs_reference"]`` for every method whose runs recorded per-example hits, as the reference's did."""
+def add_paired_differences(rows: dict, twin_free: list[bool] | None = None) -> None:
+    """``row["vs_reference"]`` for every method whose runs recorded per-example hits, as the reference's did; with
+    ``twin_free`` (a mask over the test examples, see :func:`twin_free_test_examples`) also
+    ``row["vs_reference_twin_free"]``, the same on those examples only."""
     reference = rows.get(REFERENCE)
     if reference is None or not all(reference["test_hits"]):
         return
     for method, row in rows.items():
         if method != REFERENCE and all(row["test_hits"]):
             row["vs_reference"] = paired_difference(row["test_hits"], reference["test_hits"])
+            if twin_free is not None:
+                keep = [i for i, kept in enumerate(twin_free) if kept]
+                row["vs_reference_twin_free"] = paired_difference([[h[i] for i in keep] for h in row["test_hits"]],
+                                                                  [[h[i] for i in keep] for h in reference["test_hits"]])
+
+
+def canonical_problem(recipe: str, question: str):
+    """The problem a generated question asks, whatever its wording: "3 + 5" and "5 + 3" (two terms, + or *), the
+    same animals listed in another order. Other questions are their own canonical form."""
+    import re
+
+    if recipe == "smollm2-legs":
+        listed = re.search(r"if you have (.*)\?", question)
+        return tuple(sorted(listed.group(1).split(", "))) if listed else question
+    if recipe == "smollm2-arithmetic" and question.startswith("Calculate "):
+        terms = question[len("Calculate "):].rstrip(".").split(" ")
+        if len(terms) == 3 and terms[1] in ("+", "*"):
+            return (terms[1], *sorted((terms[0], terms[2])))
+    return question
+
+
+def twin_free_test_examples(spec: dict) -> list[bool] | None:
+    """For the generated tasks: which test problems have no twin (the same problem in other words, see
+    :func:`canonical_problem`) among the training problems the runs draw from, nor inside the test split. The split
+    deduplicates exact strings only, so a twin of a test problem can be trained on. None for other tasks."""
+    import collections
+
+    if spec["recipe"] not in ("smollm2-arithmetic", "smollm2-legs"):
+        return None
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    from neuroada_recipes.cli import TaskArguments, TaskRun
+    from neuroada_recipes.recipes import RECIPES
+
+    recipe = RECIPES[spec["recipe"]]
+    fields = {k: v for k, v in recipe.items() if k in TaskArguments.__dataclass_fields__}
+    fields.update(recipe=spec["recipe"], train_size=spec["train"] + spec["validation"], test_size=spec["test"],
+                  evaluate_before=False)
+    splits = TaskRun(TaskArguments(**fields))._splits(0, test_only=False)  # as run_one: the first rows validate
+    trained = {canonical_problem(spec["recipe"], q) for q in splits.train["instruction"][spec["validation"]:]}
+    tested = [canonical_problem(spec["recipe"], q) for q in splits.test["instruction"]]
+    repeats = collections.Counter(tested)
+    return [problem not in trained and repeats[problem] == 1 for problem in tested]
 
 
 def markdown(task, spec, seeds, rows) -> str:
@@ -522,6 +567,14 @@ def markdown(task, spec, seeds, rows) -> str:
         lines.append(f"| {method} | {row['mean']:.4f} +- {row['std']:.4f} | {versus} | {row['trainable']:,} | "
                      f"{100 * row['trainable'] / row['total']:.3f}% | {rate} | {curves or '-'} | "
                      f"{row['train_seconds']:.0f} | {row['peak_gb']:.2f} | {covered} |")
+    twin_free = {m: row["vs_reference_twin_free"] for m, row in rows.items() if "vs_reference_twin_free" in row}
+    if twin_free:
+        examples = next(iter(twin_free.values()))["examples"]
+        lines += ["", f"The same paired differences on the {examples} test problems that have no twin (the same "
+                  "problem in other words: the operands of a two-term + or * swapped, the same animals in another "
+                  "order) among the training problems or inside the test split: "
+                  + "; ".join(f"{m} {100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+                              for m, d in twin_free.items()) + "."]
     calibrated = {m: row for m, row in rows.items() if m.count("-") == 2}
     if calibrated:
         lines += ["", f"Data-aware selections are calibrated on {CALIBRATION_BATCHES} training batches; seconds to "

@@ -171,3 +171,21 @@ def test_sweep_ties_go_to_the_lowest_rate(benchmark):
 
     best, swept = compare_methods.sweep(FakeRuns(), {}, "neuroada-k1", [1e-2, 3e-2, 1e-1], lambda line: None)
     assert len(swept) == 5 and best == pytest.approx(1e-2 / 3)
+
+
+def test_twins_are_the_same_problem_in_other_words(benchmark):
+    compare_methods = benchmark("compare_methods")
+    canonical = compare_methods.canonical_problem
+    assert canonical("smollm2-arithmetic", "Calculate 3 + 5.") == canonical("smollm2-arithmetic", "Calculate 5 + 3.")
+    assert canonical("smollm2-arithmetic", "Calculate 3 - 5.") != canonical("smollm2-arithmetic", "Calculate 5 - 3.")
+    assert canonical("smollm2-arithmetic", "Calculate 3 * 5 + 1.") != canonical("smollm2-arithmetic",
+                                                                               "Calculate 5 * 3 + 1.")  # left alone
+    legs = "How many legs are there in total if you have {}?"
+    assert canonical("smollm2-legs", legs.format("2 spiders, 1 cow")) == canonical("smollm2-legs",
+                                                                                  legs.format("1 cow, 2 spiders"))
+    assert canonical("smollm2-legs", legs.format("2 spiders, 1 cow")) != canonical("smollm2-legs",
+                                                                                  legs.format("1 spider, 2 cows"))
+    rows = {"lora-r8": {"test_hits": [[1, 0, 1, 0]]}, "neuroada-k1": {"test_hits": [[1, 1, 1, 0]]}}
+    compare_methods.add_paired_differences(rows, twin_free=[True, False, True, True])
+    assert rows["neuroada-k1"]["vs_reference"]["difference"] == pytest.approx(0.25)
+    assert rows["neuroada-k1"]["vs_reference_twin_free"]["difference"] == 0.0  # the one gain was on a twin
