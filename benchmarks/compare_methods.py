@@ -592,7 +592,7 @@ def markdown(task, spec, seeds, rows) -> str:
                                        or "not recorded (runs made before build times were)") + "."]
     ruled = {m: row for m, row in rows.items() if row.get("default_rate")}
     if ruled:
-        lines += ["", "The default learning rate (`neuroada.suggested_learning_rate(k)`, no sweep) against the swept "
+        lines += ["", "The default learning rate (`neuroada.suggested_learning_rate(k, task_type)`, no sweep) against the swept "
                   "best, seed 0:", "", "| method | default rate | validation at default | best swept rate | "
                   "validation at best | test at default | test at best |", "|---|---|---|---|---|---|---|"]
         for method, row in ruled.items():
