@@ -167,20 +167,13 @@ def run_one(spec: dict) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    from neuroada_recipes.cli import TaskArguments, TaskRun
-    from neuroada_recipes.recipes import RECIPES
+    from neuroada_recipes.cli import TaskRun
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     started_run = time.time()
-    recipe = RECIPES[spec["recipe"]]
-    fields = {k: v for k, v in recipe.items() if k in TaskArguments.__dataclass_fields__}
-    fields.update(recipe=spec["recipe"], train_size=spec["train"] + spec["validation"], test_size=spec["test"],
-                  evaluate_before=False)
-    if spec["method"] == "zero-shot-long":
-        fields["max_new_tokens"] = ZERO_SHOT_LONG_TOKENS
     set_seed(spec["seed"])
-    run = TaskRun(TaskArguments(**fields))
+    run = TaskRun(_task_arguments(spec))
     train, test = run.prepare_data(seed=0)  # the same split for every method and seed
     validation = train.select(range(spec["validation"]))
     train = train.select(range(spec["validation"], len(train)))
@@ -239,6 +232,20 @@ def run_one(spec: dict) -> dict:
             "wall_seconds": time.time() - started_run,
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "coverage": coverage,
             "final_loss": trainer.state.log_history[-1].get("train_loss")}
+
+
+def _task_arguments(spec: dict):
+    """The command line's task settings for a run: the recipe's, at the run's sizes (``zero-shot-long``: a larger
+    answer budget). Needs ``src`` on the path."""
+    from neuroada_recipes.cli import TaskArguments
+    from neuroada_recipes.recipes import RECIPES
+
+    fields = {k: v for k, v in RECIPES[spec["recipe"]].items() if k in TaskArguments.__dataclass_fields__}
+    fields.update(recipe=spec["recipe"], train_size=spec["train"] + spec["validation"], test_size=spec["test"],
+                  evaluate_before=False)
+    if spec.get("method") == "zero-shot-long":
+        fields["max_new_tokens"] = ZERO_SHOT_LONG_TOKENS
+    return TaskArguments(**fields)
 
 
 def _code_version() -> str | None:
@@ -532,14 +539,9 @@ def twin_free_test_examples(spec: dict) -> list[bool] | None:
     if spec["recipe"] not in ("smollm2-arithmetic", "smollm2-legs"):
         return None
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    from neuroada_recipes.cli import TaskArguments, TaskRun
-    from neuroada_recipes.recipes import RECIPES
+    from neuroada_recipes.cli import TaskRun
 
-    recipe = RECIPES[spec["recipe"]]
-    fields = {k: v for k, v in recipe.items() if k in TaskArguments.__dataclass_fields__}
-    fields.update(recipe=spec["recipe"], train_size=spec["train"] + spec["validation"], test_size=spec["test"],
-                  evaluate_before=False)
-    splits = TaskRun(TaskArguments(**fields))._splits(0, test_only=False)  # as run_one: the first rows validate
+    splits = TaskRun(_task_arguments(spec))._splits(0, test_only=False)  # as run_one: the first rows validate
     trained = {canonical_problem(spec["recipe"], q) for q in splits.train["instruction"][spec["validation"]:]}
     tested = [canonical_problem(spec["recipe"], q) for q in splits.test["instruction"]]
     repeats = collections.Counter(tested)

@@ -96,7 +96,7 @@ class NeuroAdaModel(BaseTuner):
         (``PeftModel.from_pretrained``, ``load_adapter`` of a new name), so that a refused load takes it back; a load
         into an adapter that existed before (``load_adapter`` of its name, the Trainer resuming a checkpoint) must
         leave it in place. The outermost PEFT/neuroada frame of the injection is still running in the first case."""
-        injection = self.__dict__.pop("_injection", None)
+        injection = self.__dict__.get("_injection")  # (cleared by the load, whatever the outcome)
         if injection is None or injection[0] != adapter_name or injection[1] is None:
             return False
         frame = sys._getframe(1)

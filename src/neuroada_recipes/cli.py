@@ -24,7 +24,8 @@ from typing import Literal, Optional, get_type_hints
 
 from .data import GLUE_TASKS, DataError, Splits
 from .models import ModelError
-from .recipes import DEFAULT_MODELS, DEFAULT_RECIPE, RECIPES, RUN_DEFAULTS, default_training_arguments
+from .recipes import (DEFAULT_MODELS, DEFAULT_RECIPE, PEFT_TASK_TYPES, RECIPES, RUN_DEFAULTS,
+                      default_training_arguments)
 
 RUN_INFO = "neuroada_run.json"  # beside the adapter: what eval/merge need to rebuild the task
 # neuroada.selection.SELECTION_CRITERIA (a test keeps them equal); the last two are chosen from training batches
@@ -227,7 +228,7 @@ def train_command(argv: list[str]) -> int:
     command = "neuroada train " + shlex.join(argv)
     task, adapter_args, run_args, training = parse_train_arguments(argv)
     check_train_arguments(task, adapter_args, run_args, training)
-    config = adapter_config(adapter_args, "SEQ_CLS" if task.task == "classification" else "CAUSAL_LM")
+    config = adapter_config(adapter_args, PEFT_TASK_TYPES[task.task])
 
     from peft import get_peft_model
     from transformers import Trainer, set_seed
@@ -506,7 +507,7 @@ class AdapterFolder:
         if "model" not in explicit:
             task.model = self.config.get("base_model_name_or_path")
         if "task" not in explicit:
-            kinds = {"SEQ_CLS": "classification", "CAUSAL_LM": "instruction"}
+            kinds = {peft_type: kind for kind, peft_type in PEFT_TASK_TYPES.items()}
             if self.config.get("task_type") not in kinds:
                 raise UsageError(f"{self.path}/adapter_config.json has task_type "
                                  f"{self.config.get('task_type')!r}; pass --task classification or instruction")
@@ -566,7 +567,7 @@ class TaskRun:
         self.model_path = resolve_model(task.model)
         self.tokenizer = load_tokenizer(self.model_path)
         self.classification = task.task == "classification"
-        self.peft_task_type = "SEQ_CLS" if self.classification else "CAUSAL_LM"
+        self.peft_task_type = PEFT_TASK_TYPES[task.task]
         self.metric_name = "accuracy" if self.classification else "exact_match"
         glue = GLUE_TASKS.get(task.data.removeprefix("glue/")) if task.data and task.data.startswith("glue/") else None
         if glue and self.classification:
