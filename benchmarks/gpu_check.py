@@ -676,13 +676,17 @@ def part_end_to_end(plan: Plan, deadline: Deadline) -> dict:
     before = metrics["before"]["accuracy"] if metrics.get("before") else None
     result = {"argv": argv, "exit_code": code, "seconds": seconds, "peak_bytes": peak["bytes"],
               "accuracy_before": before, "accuracy_after": score, "metrics": metrics}
+    # the command line moves the model before its first evaluation: all of it ran on the device, not the CPU
+    on_device = metrics.get("device", "").split(":")[0] == plan.device.type
     memory = "peak GPU memory (max_memory_allocated)" if plan.on_gpu else "peak resident memory (CPU)"
     table = markdown_table(["model", "data", "train / test", "accuracy before", "after", "time", memory], [[
         model if plan.model_dir else ("tiny random BERT" if plan.dry_run else "minilm"), data,
         f"{metrics['train_examples']} / {metrics['test_examples']}", "-" if before is None else f"{before:.3f}",
         f"{score:.3f}", f"{seconds:.0f} s", f"{peak['bytes'] / GIB:.2f} GiB"]])
     table += f"\n\n`neuroada {' '.join(argv)}` (scratch paths)"
-    return {"status": "ok" if code == 0 else "failed", "result": result, "table": table}
+    if not on_device:
+        table += f"\n\nThe model was on {metrics.get('device')!r}, not on {plan.device.type!r}."
+    return {"status": "ok" if code == 0 and on_device else "failed", "result": result, "table": table}
 
 
 # name, function, share of the budget (seconds at the default 480), least seconds it needs to be worth starting

@@ -124,6 +124,9 @@ def test_merged_classifier_scores_exactly_the_adapters_metrics(classification_ru
     assert main(["eval", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "adapter.json")]) == 0
     adapter_metrics = read_json(tmp_path / "adapter.json")
     assert {k: adapter_metrics[k] for k in after} == after
+    # training scored where the Trainer trained (the model is moved before the first evaluation), eval on the
+    # accelerator if there is one: on this CPU machine, the CPU
+    assert read_json(run / "metrics.json")["device"] == adapter_metrics["device"] == "cpu"
 
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(merged)]) == 0

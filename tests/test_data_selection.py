@@ -3,6 +3,7 @@ criterion against its brute-force definition in plain dense torch, determinism, 
 saved, no loss, trained deltas), the save/load round trip with its base check, the gradient criterion's memory
 staying at one layer's [out, in] buffers, and the command line flags."""
 
+import copy
 import json
 import weakref
 
@@ -208,6 +209,105 @@ def test_calibrating_trained_deltas_is_refused():
         calibrate_selection(model, make_batches(0))
 
 
+def test_a_calibrated_config_gives_a_new_adapter_no_data_selection(tmp_path, tokens):
+    """calibrate_selection records its data in the adapter's own config: the user's config object, reused for another
+    model, a copy of it for add_adapter, or a config read back from a saved adapter, must not make a new adapter pass
+    for calibrated while it holds the placeholder (magnitude) selection."""
+    config = NeuroAdaConfig(k=K, selection="activation")
+    first = get_peft_model(tiny_llama(), config)
+    calibrate_selection(first, make_batches(0))
+    assert config.calibration is None  # the user's object is not written to
+    second = get_peft_model(tiny_llama(), config)  # the same config object, another model
+    with pytest.raises(RuntimeError, match="not been calibrated"):
+        second(input_ids=tokens)
+    calibrate_selection(second, make_batches(1, count=2))
+    assert first.peft_config["default"].calibration["batches"] == 3  # each adapter keeps its own record
+    assert second.peft_config["default"].calibration["batches"] == 2
+
+    first.add_adapter("duplicate", copy.deepcopy(first.peft_config["default"]))  # carries a calibration record
+    with pytest.raises(RuntimeError, match="not been calibrated"):
+        first.set_adapter("duplicate") or first(input_ids=tokens)
+    with pytest.raises(ValueError, match="has not been calibrated"):
+        first.save_pretrained(tmp_path / "refused", selected_adapters=["duplicate"])
+    first.set_adapter("default")
+    first.save_pretrained(tmp_path / "saved", selected_adapters=["default"])
+    fresh = get_peft_model(tiny_llama(), NeuroAdaConfig.from_pretrained(tmp_path / "saved"))  # a new run from it
+    with pytest.raises(RuntimeError, match="not been calibrated"):
+        fresh(input_ids=tokens)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")  # a load takes the file's selection
+    assert torch.equal(loaded(input_ids=tokens).logits, first(input_ids=tokens).logits)
+
+
+def test_a_data_selection_is_never_saved_without_its_indices(tmp_path):
+    model = calibrated(tiny_llama, "gradient", make_batches(0))
+    model.peft_config["default"].save_indices = False  # past the constructor's check
+    with pytest.raises(ValueError, match="save_indices"):
+        model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_calibrated_selection_is_final_when_deltas_start_random():
+    """With init_weights=False the deltas are never zero, so trained ones cannot be told from untrained ones: a
+    second calibration would move trained deltas to other connections, and is refused."""
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=K, selection="activation", init_weights=False))
+    calibrate_selection(model, make_batches(0))
+    before = selections(model)
+    with pytest.raises(ValueError, match="already calibrated"):
+        calibrate_selection(model, make_batches(1))
+    assert all(torch.equal(before[name], indices) for name, indices in selections(model).items())
+
+
+def _inputs_of(base, names, batch):
+    inputs = {}
+    handles = [base.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: inputs.setdefault(name, args[0].detach())) for name in names]
+    with torch.no_grad():
+        base(**batch)
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def test_activation_masks_padding_only_where_the_mask_belongs():
+    """Encoder-decoder: the encoder's attention_mask is not the decoder's, even when both have the same length;
+    multiple choice: the model flattens [batch, choices, tokens] inputs, and the mask must follow."""
+    from transformers import BertConfig, BertForMultipleChoice, T5Config, T5ForConditionalGeneration
+
+    def activation_top_k(layer, x, mask=None):
+        tokens = x.reshape(-1, x.shape[-1]) if mask is None else x[mask.reshape(x.shape[:-1]).bool()]
+        return brute_force_top_k(layer.weight.detach().double().abs() * tokens.double().pow(2).sum(0).sqrt(), K)
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                             num_decoder_layers=1, num_heads=4, decoder_start_token_id=0,
+                                             pad_token_id=0)).eval()
+    ids = torch.randint(1, 96, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 3:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(1, 96, (2, 8))}  # same length
+    names = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q"]
+    inputs = _inputs_of(t5, names, batch)
+    expected = {names[0]: activation_top_k(t5.get_submodule(names[0]), inputs[names[0]], mask),
+                names[1]: activation_top_k(t5.get_submodule(names[1]), inputs[names[1]])}  # no decoder padding
+    model = get_peft_model(t5, NeuroAdaConfig(k=K, selection="activation", target_modules=["q"]))
+    calibrate_selection(model, [batch])
+    for name in names:
+        assert torch.equal(selections(model)[name], expected[name]), name
+
+    choices = BertForMultipleChoice(BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=4,
+                                               max_position_embeddings=64)).eval()
+    ids = torch.randint(1, 96, (2, 2, 10))
+    mask = torch.ones(2, 2, 10, dtype=torch.long)
+    mask[:, :, 4:] = 0
+    batch = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": torch.tensor([0, 1])}
+    name = "bert.encoder.layer.0.attention.self.query"
+    expected = activation_top_k(choices.get_submodule(name), _inputs_of(choices, [name], batch)[name], mask)
+    model = get_peft_model(choices, NeuroAdaConfig(k=K, selection="activation", target_modules=["query"]))
+    calibrate_selection(model, [batch])
+    assert torch.equal(selections(model)[name], expected)
+
+
 # ------------------------------------------------------------------ save / load
 
 
@@ -367,3 +467,27 @@ def test_bench_selection_at_toy_size(monkeypatch, capsys):
     # magnitude reads no data; activation one forward per batch; gradient one per batch and group of layers
     assert passes == {("magnitude", "-"): 0, ("activation", "-"): 2, ("gradient", "layer"): 2 * 14,
                       ("gradient", "all"): 2}
+
+
+@pytest.mark.slow
+def test_every_process_of_a_distributed_run_takes_the_first_process_selection(tmp_path):
+    """Data-parallel training must update the same connections on every process; each process calibrates on its
+    own batches here (the CLI gives all the same ones, but kernels need not agree bit for bit on every device)."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone",
+                             os.path.join(tests, "workers", "calibrate_distributed.py"), str(tmp_path), tests],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for criterion in ("activation", "gradient"):
+        first = selections(calibrated(tiny_llama, criterion, make_batches(seed=10)))  # process 0's data, alone
+        second_alone = selections(calibrated(tiny_llama, criterion, make_batches(seed=11)))
+        assert any(not torch.equal(first[name], second_alone[name]) for name in first)  # the data differ
+        for rank in (0, 1):
+            got = torch.load(tmp_path / f"{criterion}-{rank}.pt")
+            assert got.keys() == first.keys()
+            assert all(torch.equal(got[name], first[name]) for name in first), (criterion, rank)

@@ -408,3 +408,33 @@ def test_unmerge_restores_the_entries_merged_even_if_the_indices_were_loaded_ane
     model.unmerge_adapter()
     for name, weight in base_weights(model).items():
         assert torch.equal(weight, before[name]), name
+
+
+def test_merging_an_adapter_named_twice_is_refused_and_changes_nothing(batch):
+    """Merged twice, the saved original of the first merge was overwritten by the merged value: unmerge could never
+    give the base back."""
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    before = {name: weight.clone() for name, weight in base_weights(model).items()}
+    with pytest.raises(ValueError, match="'math' more than once"):
+        model.merge_adapter(["math", "math"])
+    assert all(not layer.merged for layer in layers(model))
+    assert all(torch.equal(before[name], weight) for name, weight in base_weights(model).items())
+    model.merge_adapter(["math", "chat"])  # distinct names merge and unmerge bit for bit
+    model.unmerge_adapter()
+    assert all(torch.equal(before[name], weight) for name, weight in base_weights(model).items())
+
+
+def test_a_mixed_batch_under_inference_mode_does_not_break_later_ones_with_gradients(batch):
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    names = ["math", "chat", "math", "__base__", "code", "math", "chat"]  # not contiguous: index tensors
+    with torch.inference_mode():
+        expected = model(input_ids=batch, adapter_names=names).logits
+    logits = model(input_ids=batch, adapter_names=names).logits  # gradients on, e.g. an attribution pass
+    assert logits.requires_grad
+    torch.testing.assert_close(logits, expected.clone())
+
+
+def test_add_weighted_adapter_is_refused_with_the_alternatives():
+    model = with_adapters(MODEL_FACTORIES["llama"])
+    with pytest.raises(NotImplementedError, match="merge_and_unload"):
+        model.add_weighted_adapter(["math", "chat"], [0.5, 0.5], "mix")

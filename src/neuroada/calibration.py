@@ -5,7 +5,10 @@ The paper selects by ``|W|`` alone. Two criteria here also look at the data (``s
 - ``"activation"``: ``|W[i, j]| * ||x_j||``, the L2 norm of input j over the calibration tokens (Wanda's score).
   One forward pass per batch; forward pre-hooks on the adapted layers add up the squared inputs per column, so the
   extra memory is O(in_features) per layer. Padding tokens (``attention_mask == 0``) are left out where the layer's
-  input has the mask's ``[batch, sequence]`` leading shape; elsewhere every token counts, as in Wanda.
+  input holds the mask's tokens (``[batch, sequence, features]``, or flattened as multiple-choice models do); in an
+  encoder-decoder model, ``attention_mask`` applies to the encoder's layers and to the decoder's layers that read
+  the encoder's output, ``decoder_attention_mask`` (if given) to the other decoder layers. Elsewhere every token
+  counts, as in Wanda (a warning names such layers when the batches have a mask).
 - ``"gradient"``: ``sum over batches b of |dL_b/dW[i, j] * W[i, j]|``, the first-order estimate of the loss change
   from each connection. The dense gradient of a layer is ``g^T x`` (its output gradient times its input), formed
   from hooks when the backward reaches the layer, so the base weights stay frozen and no ``.grad`` is ever
@@ -28,7 +31,9 @@ batches give the same selection. The config records the data used (``calibration
 
 from __future__ import annotations
 
+import copy
 import itertools
+import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from typing import Optional
@@ -76,39 +81,65 @@ def calibrate_selection(model: nn.Module, batches: Iterable[Mapping], num_batche
     batches = _take(batches, num_batches)
     score = _activation_scores if config.selection == "activation" else _gradient_scores
     with _base_model_in_eval(tuner):
-        indices = score(model, layers, adapter_name, batches, max_score_bytes)
+        indices = score(tuner, layers, adapter_name, batches, max_score_bytes)
+    indices = _the_first_process_selection(indices)
     for name, layer in layers.items():  # all at once, so that a failure above leaves the adapter as it was
         layer.set_selection(adapter_name, indices[name])
+    # The record goes into a copy that this adapter alone holds: get_peft_model keeps the caller's config object,
+    # which may be reused for other models or adapters that this data did not calibrate.
+    config = copy.deepcopy(config)
     config.calibration = _data_record(batches)
     config.selected_weight_sums = {name: selected_weight_sum(layer.full_weight_rows(), indices[name])
                                    for name, layer in layers.items()}
+    tuner.peft_config[adapter_name] = config
     return config.calibration
 
 
 # ------------------------------------------------------------------ the two criteria
 
 
-def _activation_scores(model, layers, adapter_name, batches, max_score_bytes) -> dict[str, torch.Tensor]:
+def _activation_scores(tuner, layers, adapter_name, batches, max_score_bytes) -> dict[str, torch.Tensor]:
     squares: dict[str, torch.Tensor] = {}
     current = {}
+    encoder_layers, encoder = _encoder_side(tuner.model, layers)
+    padding_counted = set()
 
     def add_squares(name, module, args):
         x = args[0]
         score_dtype = _score_dtype(module.weight)
-        mask = current.get("mask")
+        if encoder is None or name in encoder_layers or x is current.get("encoder_output"):
+            mask = current.get("mask")
+        else:  # a decoder layer reading decoder tokens
+            mask = current.get("decoder_mask")
         x = x.detach().to(score_dtype)
-        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            x = x * mask.to(device=x.device, dtype=score_dtype).unsqueeze(-1)
+        if mask is not None and _holds_mask_tokens(x, mask):
+            x = x * mask.to(device=x.device, dtype=score_dtype).reshape(x.shape[:-1]).unsqueeze(-1)
+        elif x.dim() >= 3 and (current.get("mask") is not None or current.get("decoder_mask") is not None):
+            padding_counted.add(name)
         column_squares = x.square().reshape(-1, x.shape[-1]).sum(0)
         squares[name] = column_squares if name not in squares else squares[name] + column_squares
 
-    with _hooks([layer.get_base_layer().register_forward_pre_hook(_bound(add_squares, name))
-                 for name, layer in layers.items()]), torch.no_grad():
+    def keep_encoder_output(module, args, output):
+        current["encoder_output"] = output[0] if isinstance(output, tuple) else getattr(
+            output, "last_hidden_state", output)
+
+    handles = [layer.get_base_layer().register_forward_pre_hook(_bound(add_squares, name))
+               for name, layer in layers.items()]
+    if encoder is not None:
+        handles.append(encoder.register_forward_hook(keep_encoder_output))
+    with _hooks(handles), torch.no_grad():
         for batch in batches:
-            batch = _to_device(batch, _device_of(model))
-            current["mask"] = batch.get("attention_mask")
-            model(**batch)
+            batch = _to_device(batch, _device_of(tuner))
+            current.update(mask=batch.get("attention_mask"), decoder_mask=batch.get("decoder_attention_mask"),
+                           encoder_output=None)
+            tuner.model(**batch)
+    current.clear()
     _check_reached(layers, squares, "activation")
+    if padding_counted:
+        warnings.warn(
+            f"selection='activation': the inputs of {len(padding_counted)} layer(s) (e.g. "
+            f"{sorted(padding_counted)[0]!r}) never held the tokens of the batches' attention mask, so padding "
+            "tokens count in their input norms (as in Wanda); give unpadded batches to leave padding out there.")
     indices = {}
     for name, layer in layers.items():
         weight = layer.full_weight_rows()
@@ -117,7 +148,27 @@ def _activation_scores(model, layers, adapter_name, batches, max_score_bytes) ->
     return indices
 
 
-def _gradient_scores(model, layers, adapter_name, batches, max_score_bytes) -> dict[str, torch.Tensor]:
+def _encoder_side(model: nn.Module, layers: dict[str, NeuroAdaLayer]) -> tuple[set[str], Optional[nn.Module]]:
+    """For an encoder-decoder model: the adapted layers inside its encoder, and the encoder. ((), None) otherwise."""
+    config = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(config, "is_encoder_decoder", False) or get_encoder is None:
+        return set(), None
+    encoder = get_encoder()
+    inside = {id(module) for module in encoder.modules()}
+    return {name for name, layer in layers.items() if id(layer) in inside}, encoder
+
+
+def _holds_mask_tokens(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether ``x`` (``[..., features]``) holds one row per token of ``mask``, in its order: the same leading
+    shape, or flattened leading dimensions with the same sequence length (``[batch * choices, sequence]``)."""
+    if x.dim() < 3 or mask.dim() < 2:
+        return False
+    return x.shape[-2] == mask.shape[-1] and x.shape[:-1].numel() == mask.numel()
+
+
+def _gradient_scores(tuner, layers, adapter_name, batches, max_score_bytes) -> dict[str, torch.Tensor]:
+    model = tuner.model
     indices = {}
     with _frozen_parameters(model), torch.enable_grad():
         for group in score_groups(layers, max_score_bytes):
@@ -173,6 +224,28 @@ def _gradient_scores_of_group(model, layers: dict[str, NeuroAdaLayer], batches) 
     return scores
 
 
+def _the_first_process_selection(indices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In a distributed run, process 0's selection on every process. Each process scores its own batches (or the
+    same ones, with kernels that need not add up bit for bit alike on every device), and a near tie can fall
+    either way; data-parallel training must update the same connections everywhere."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return indices
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+        torch.device("cpu")
+    names = list(indices)  # model order: the same on every process
+    flat = torch.cat([indices[name].reshape(-1).to(device=device, dtype=torch.int64) for name in names])
+    dist.broadcast(flat, src=0)
+    agreed, start = {}, 0
+    for name in names:
+        size = indices[name].numel()
+        agreed[name] = flat[start:start + size].reshape(indices[name].shape).to(indices[name].device,
+                                                                               indices[name].dtype)
+        start += size
+    return agreed
+
+
 def score_groups(layers: dict[str, NeuroAdaLayer], max_score_bytes: Optional[int]) -> list[list[str]]:
     """Layers in model order, in consecutive groups whose score buffers fit ``max_score_bytes`` (at least one layer
     each); ``None``: one layer per group."""
@@ -222,6 +295,12 @@ def _single_active_adapter(tuner: NeuroAdaModel) -> str:
 def _check_untrained(layers: dict[str, NeuroAdaLayer], adapter_name: str, init_weights: bool) -> None:
     if not layers:
         raise ValueError(f"adapter {adapter_name!r} adapts no layer of this model; nothing to calibrate")
+    if not init_weights and not any(adapter_name in layer.uncalibrated for layer in layers.values()):
+        # its deltas started random (never zero), so trained ones cannot be told from untrained ones
+        raise ValueError(
+            f"adapter {adapter_name!r} is already calibrated (or loaded) and has init_weights=False, so whether its "
+            "deltas are trained cannot be told; a new selection could move trained deltas to other connections. "
+            "Add a new adapter and calibrate that one.")
     for name, layer in layers.items():
         if layer.merged:
             raise ValueError(f"layer {name!r} has merged adapters; call unmerge_adapter() before calibrate_selection")

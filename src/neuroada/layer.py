@@ -59,11 +59,16 @@ class _Selections(BufferDict):
     """``neuroada_indices``: a BufferDict whose entries can be *deferred*: registered as a placeholder of the right
     shape and dtype, with the selection computed by its first reader, unless indices are written first (assigned, or
     loaded by ``load_state_dict``). An adapter loaded with stored indices is injected this way: selecting on every
-    layer (a sort of every weight row) would be thrown away when the file's indices are loaded over it."""
+    layer (a sort of every weight row) would be thrown away when the file's indices are loaded over it.
+
+    It also knows which entries are *uncalibrated*: placeholders of a data-aware selection, which only indices
+    written in (by ``calibrate_selection``, or loaded from a file) replace. Kept here, beside the indices, because a
+    load writes them here and nowhere else."""
 
     def __init__(self) -> None:
         super().__init__(persistent=True)
         self._deferred: dict[str, Any] = {}  # name -> a callable returning the selection
+        self.uncalibrated: set[str] = set()
 
     def defer(self, key: str, placeholder: torch.Tensor, select) -> None:
         self[key] = placeholder
@@ -89,14 +94,17 @@ class _Selections(BufferDict):
 
     def __setitem__(self, key: str, buffer: torch.Tensor) -> None:
         self._deferred.pop(key, None)
+        self.uncalibrated.discard(key)
         super().__setitem__(key, buffer)
 
     def __delitem__(self, key: str) -> None:
         self._deferred.pop(key, None)
+        self.uncalibrated.discard(key)
         super().__delitem__(key)
 
     def clear(self) -> None:
         self._deferred.clear()
+        self.uncalibrated.clear()
         super().clear()
 
     def items(self):
@@ -119,6 +127,7 @@ class _Selections(BufferDict):
         if len(error_msgs) == errors:  # (otherwise load_state_dict raises)
             for key in [key for key in self._deferred if prefix + key in state_dict]:
                 del self._deferred[key]  # the loaded indices are the selection
+            self.uncalibrated.difference_update([key for key in self.uncalibrated if prefix + key in state_dict])
 
 
 class NeuroAdaLayer(BaseTunerLayer):
@@ -151,9 +160,6 @@ class NeuroAdaLayer(BaseTunerLayer):
         # Rows whose selection a bf16/fp16 copy of the base could break differently (ties after rounding), with
         # their indices: what an adapter saved without indices stores so that it reloads in another precision.
         self.pinned_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        # Adapters with a data-aware selection that calibrate_selection has not chosen yet: they hold a placeholder
-        # (magnitude) selection, and their forward refuses to run.
-        self.uncalibrated: set[str] = set()
         # The base weight at each adapter's selected positions, taken where the selection was computed (see
         # selected_base_values), with the indices tensor and version they belong to.
         self._base_values: dict[str, tuple[torch.Tensor, Optional[int], torch.Tensor]] = {}
@@ -230,11 +236,8 @@ class NeuroAdaLayer(BaseTunerLayer):
         k = min(config.k, self.in_features)
         # A data-aware selection is chosen later by calibrate_selection (or comes from the file on a load, which
         # always stores indices for it); until then the shapes need a placeholder, which nothing may train or save.
+        # Whatever the config says it was calibrated on: a config is reused, copied, read back from a saved adapter.
         criterion = "magnitude" if config.selection in DATA_CRITERIA else config.selection
-        if config.selection in DATA_CRITERIA and config.calibration is None:
-            self.uncalibrated.add(adapter_name)
-        else:
-            self.uncalibrated.discard(adapter_name)
         select = functools.partial(self._select, k, criterion, layer_seed(config.seed, module_name))
         if self._loads_stored_indices(config):
             indices = None
@@ -263,6 +266,8 @@ class NeuroAdaLayer(BaseTunerLayer):
             self.neuroada_indices.defer(adapter_name, placeholder, select)
         else:
             self.neuroada_indices[adapter_name] = indices
+        if config.selection in DATA_CRITERIA:
+            self.neuroada_indices.uncalibrated.add(adapter_name)
         self._patterns.pop(adapter_name, None)
         self.bypass_backend[adapter_name] = config.bypass_backend
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -279,7 +284,12 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._selection_keys.pop(adapter_name, None)
         self.pinned_rows.pop(adapter_name, None)
         self._base_values.pop(adapter_name, None)
-        self.uncalibrated.discard(adapter_name)
+
+    @property
+    def uncalibrated(self) -> set[str]:
+        """Adapters with a data-aware selection not chosen yet (by calibrate_selection or a load): they hold a
+        placeholder (magnitude) selection, and their forward refuses to run."""
+        return self.neuroada_indices.uncalibrated
 
     def _select(self, k: int, criterion: str, seed: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         return select_per_neuron(self.full_weight_rows() if rows is None else rows, k, criterion, seed=seed)
@@ -359,6 +369,10 @@ class NeuroAdaLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """W[i, idx[i, j]] += delta[i, j] in one scatter per adapter, summed in float32, cast once to W's dtype."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        twice = sorted({name for name in adapter_names if adapter_names.count(name) > 1})
+        if twice:  # the second merge would save the first one's merged value as the original: unmerge couldn't undo it
+            raise ValueError(f"merge names adapter {twice[0]!r} more than once ({adapter_names}); nothing was merged. "
+                             "Merge each adapter once.")
         if self.quantization:
             self._merge_quantized(adapter_names, safe_merge)
             return
@@ -416,13 +430,13 @@ class NeuroAdaLayer(BaseTunerLayer):
         with sharding.writable_whole([base_weight]):
             rows = base_weight.data.T if self.is_conv1d else base_weight.data  # weight_rows(), inside the gather
             while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                original = self._merged_originals.pop(name)
-                columns = self._merged_columns.pop(name)
-                if original.device != rows.device or original.dtype != rows.dtype:  # moved or cast while merged
-                    original = original.to(device=rows.device, dtype=rows.dtype)
-                    columns = columns.to(rows.device)
-                rows.scatter_(1, columns, original)
+                name = self.merged_adapters[-1]
+                # the columns are a plain tensor: they stay where they were if the model moved while merged
+                original = self._merged_originals[name].to(device=rows.device, dtype=rows.dtype)
+                rows.scatter_(1, self._merged_columns[name].to(rows.device), original)
+                # forgotten only once written back, so that a failure leaves the merge undoable
+                self.merged_adapters.pop()
+                del self._merged_originals[name], self._merged_columns[name]
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.neuroada_delta:
@@ -431,7 +445,6 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._patterns.pop(adapter_name, None)
         self._selection_keys.pop(adapter_name, None)
         self.pinned_rows.pop(adapter_name, None)
-        self.uncalibrated.discard(adapter_name)
         self._base_values.pop(adapter_name, None)
 
 
@@ -448,7 +461,8 @@ def _sample_groups(adapter_names: tuple[str, ...], device: torch.device) -> tupl
         if indices[-1] - indices[0] + 1 == len(indices):
             groups.append((name, slice(indices[0], indices[-1] + 1)))
         else:
-            groups.append((name, torch.tensor(indices, dtype=torch.long, device=device)))
+            with torch.inference_mode(False):  # cached: a later forward may need it for its backward
+                groups.append((name, torch.tensor(indices, dtype=torch.long, device=device)))
     return tuple(groups)
 
 
@@ -462,9 +476,10 @@ def _shared_rows(adapter_names: tuple[str, ...], names: tuple[str, ...], device:
     the whole batch, in order) and the position of each one's adapter in ``names``."""
     slot_of = {name: slot for slot, name in enumerate(names)}
     rows = [index for index, name in enumerate(adapter_names) if name in slot_of]
-    slots = torch.tensor([slot_of[adapter_names[index]] for index in rows], dtype=torch.long, device=device)
     whole = rows == list(range(len(adapter_names)))
-    return (None if whole else torch.tensor(rows, dtype=torch.long, device=device)), slots
+    with torch.inference_mode(False):  # cached: a later forward may need them for its backward
+        slots = torch.tensor([slot_of[adapter_names[index]] for index in rows], dtype=torch.long, device=device)
+        return (None if whole else torch.tensor(rows, dtype=torch.long, device=device)), slots
 
 
 def _in_backward() -> bool:

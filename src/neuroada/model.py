@@ -209,6 +209,14 @@ class NeuroAdaModel(BaseTuner):
                 with onload_layer(layer) if offloaded else nullcontext():
                     layer.merge(adapter_names=adapter_names, safe_merge=safe_merge)
 
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise NotImplementedError(
+            "add_weighted_adapter is not supported for NeuroAda: adapters with different selections hold their deltas "
+            "on different connections, so no one adapter of the same k holds their weighted sum. To serve a "
+            "combination, merge it into the weights: merge_and_unload(adapter_names=[...]) (or merge_adapter for an "
+            "undoable merge); adapters with the same k and selection can be combined by hand as a weighted sum of "
+            "their neuroada_delta tensors.")
+
     def unmerge_adapter(self) -> None:
         layers, offloaded = self._layers_and_offload()
         if not any(layer.merged for layer in layers):
@@ -235,13 +243,19 @@ class NeuroAdaModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        if config.selection in DATA_CRITERIA and config.calibration is None:
-            raise ValueError(
-                f"adapter {adapter_name!r} uses selection={config.selection!r}, chosen from data, and has not been "
-                "calibrated, so its connections are placeholders; nothing was saved. Call "
-                "neuroada.calibrate_selection(peft_model, batches) after get_peft_model, then train and save.")
-        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         layers = _named_layers(model, adapter_name)
+        if config.selection in DATA_CRITERIA:
+            if any(adapter_name in layer.uncalibrated for layer in layers.values()):
+                raise ValueError(
+                    f"adapter {adapter_name!r} uses selection={config.selection!r}, chosen from data, and has not been "
+                    "calibrated, so its connections are placeholders; nothing was saved. Call "
+                    "neuroada.calibrate_selection(peft_model, batches) after get_peft_model, then train and save.")
+            if not config.save_indices:
+                raise ValueError(
+                    f"adapter {adapter_name!r}: its selection ({config.selection!r}) was chosen from calibration data, "
+                    "which a load cannot recompute, but its config says save_indices=False; nothing was saved. Set "
+                    "save_indices=True.")
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # Written into the config that save_pretrained writes next, so a later load can check its base.
         config.selection_fingerprints = {
             name: selection_fingerprint(layer.neuroada_indices[adapter_name]) for name, layer in layers.items()

@@ -244,6 +244,8 @@ def train_command(argv: list[str]) -> int:
               f"{training.warmup_steps} warmup steps), batch {training.per_device_train_batch_size} per device, "
               + (f"{training.max_steps} steps" if training.max_steps > 0 else f"{training.num_train_epochs:g} epochs"))
     model = run.load_base_model()
+    if trainer_places_model(training):  # now, so that the first evaluation and the calibration run there too
+        model.to(training.device)
 
     before = run.evaluate(model, test_set, "before") if task.evaluate_before else None
     model = get_peft_model(model, config)
@@ -266,9 +268,10 @@ def train_command(argv: list[str]) -> int:
         metrics = {"before": before, "after": after, "trainable_parameters": trainable, "total_parameters": total,
                    "seconds": round(time.time() - started, 1), "peak_memory_gb": _peak_memory_gb(),
                    "train_examples": len(train_set), "test_examples": len(test_set),
-                   "learning_rate": training.learning_rate, "steps": trainer.state.global_step}
-        write_model_card(adapter_dir, run=run, config=config, command=command, metrics=metrics,
-                         training=training, targets=adapter_args.target_modules)
+                   "learning_rate": training.learning_rate, "steps": trainer.state.global_step,
+                   "device": str(next(model.parameters()).device)}
+        write_model_card(adapter_dir, run=run, config=model.peft_config[model.active_adapter], command=command,
+                         metrics=metrics, training=training, targets=adapter_args.target_modules)
         _write_json(os.path.join(training.output_dir, "config.json"),
                     {"task": asdict(task), "adapter": asdict(adapter_args), "training": training.to_dict()})
         _write_json(os.path.join(training.output_dir, "log_history.json"), trainer.state.log_history)
@@ -285,6 +288,14 @@ def train_command(argv: list[str]) -> int:
         print(f"  adapter               : {adapter_dir} (README.md says how to load it)")
         print(f"  run folder            : {training.output_dir} (config.json, metrics.json, log_history.json)")
     return 0
+
+
+def trainer_places_model(training) -> bool:
+    """Whether the Trainer will move the whole model to ``training.device`` itself (not under DeepSpeed, FSDP or
+    full-precision-eval modes, which place it their own way)."""
+    if training.place_model_on_device is not None:
+        return bool(training.place_model_on_device)
+    return not (training.deepspeed or training.fsdp or training.fp16_full_eval or training.bf16_full_eval)
 
 
 def calibrate(model, train_set, collator, adapter: AdapterArguments, training, main_process: bool) -> None:
@@ -356,6 +367,8 @@ class EvalArguments:
                 "--data, and --model unless adapter_config.json names the base)."})
     output: Optional[str] = field(default=None, metadata={"help": "Also write the metrics as JSON to this file."})
     batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
+    device: Optional[str] = field(default=None, metadata={
+        "help": "Device to score on (cpu, cuda, cuda:1, mps). Default: the accelerator if there is one, else cpu."})
     seed: Optional[int] = field(default=None, metadata={
         "help": "Seed of the train/test split. Default: the training run's (neuroada_run.json), else 42."})
 
@@ -392,14 +405,17 @@ def eval_command(argv: list[str]) -> int:
     seed = 42 if seed is None else seed
     test_set = run.prepare_test(seed)
     model = run.load_adapted_model(folder) if folder else run.load_base_model()
+    device = eval_args.device or _default_device()
+    model.to(device)
     metrics = run.evaluate(model, test_set, "eval", batch_size=eval_args.batch_size)
     scored = eval_args.adapter or task.model
-    print(f"neuroada eval: {scored} on {run.split_text} (split seed {seed})")
+    print(f"neuroada eval: {scored} on {run.split_text} (split seed {seed}, on {device})")
     for name, value in metrics.items():
         if name != "examples":
             print(f"  {name:<12}: {value:.4f}")
     if eval_args.output:
-        _write_json(eval_args.output, metrics | {"examples_scored": len(test_set), "data": task.data, "seed": seed})
+        _write_json(eval_args.output, metrics | {"examples_scored": len(test_set), "data": task.data, "seed": seed,
+                                                 "device": str(device)})
         respect_umask(eval_args.output)
         print(f"metrics written to {eval_args.output}")
     return 0
@@ -879,6 +895,12 @@ def respect_umask(path: str) -> None:
                                                  for name in names]
     for file in paths:
         os.chmod(file, mode)
+
+
+def _default_device() -> str:
+    from accelerate import PartialState
+
+    return str(PartialState().device)
 
 
 def _peak_memory_gb() -> float:
