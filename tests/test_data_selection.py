@@ -285,11 +285,13 @@ def test_activation_masks_padding_only_where_the_mask_belongs():
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 3:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(1, 96, (2, 8))}  # same length
-    names = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q"]
+    names = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q",
+             "decoder.block.0.layer.1.EncDecAttention.k"]  # the last reads the encoder's output
     inputs = _inputs_of(t5, names, batch)
     expected = {names[0]: activation_top_k(t5.get_submodule(names[0]), inputs[names[0]], mask),
-                names[1]: activation_top_k(t5.get_submodule(names[1]), inputs[names[1]])}  # no decoder padding
-    model = get_peft_model(t5, NeuroAdaConfig(k=K, selection="activation", target_modules=["q"]))
+                names[1]: activation_top_k(t5.get_submodule(names[1]), inputs[names[1]]),  # no decoder padding
+                names[2]: activation_top_k(t5.get_submodule(names[2]), inputs[names[2]], mask)}
+    model = get_peft_model(t5, NeuroAdaConfig(k=K, selection="activation", target_modules=["q", "k"]))
     calibrate_selection(model, [batch])
     for name in names:
         assert torch.equal(selections(model)[name], expected[name]), name
