@@ -498,3 +498,136 @@ def test_hub_dataset_with_glue_columns_and_validation_split(tiny_bert, monkeypat
     info = run.info()
     assert info["task"]["text_column"] == "sentence1" and info["task"]["text_pair_column"] == "sentence2"
     assert info["labels"] == ["0", "1"]
+
+
+# ------------------------------------------------------------------ silent failures found by an audit (tests first)
+
+
+def test_eval_refuses_a_test_split_other_than_the_one_training_held_out(classification_run, tmp_path,
+                                                                         sentiment_csv):
+    """Another seed, test size or a grown data file would score rows the adapter was trained on."""
+    run, _, _ = classification_run
+    adapter = str(run / "adapter")
+    for flags in (["--seed", "4"], ["--test_size", "40"]):
+        code, _, _ = run_cli(["eval", "--adapter", adapter] + flags)
+        assert code == 2, flags
+    grown = tmp_path / "grown.csv"
+    grown.write_text(open(sentiment_csv).read() + "".join(f"this is fine number {i},positive\n" for i in range(10)))
+    info = json.loads((run / "adapter" / "neuroada_run.json").read_text())
+    moved = tmp_path / "adapter"
+    subprocess.run(["cp", "-r", adapter, str(moved)], check=True)
+    info["task"]["data"] = str(grown)  # the training data file, grown since
+    (moved / "neuroada_run.json").write_text(json.dumps(info))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["eval", "--adapter", str(moved)]) == 2
+    assert "test split" in err.getvalue() and "--eval_data" in err.getvalue()
+    assert main(["eval", "--adapter", adapter]) == 0  # the training run's own split
+
+
+def test_eval_with_new_data_scores_that_data_not_the_runs_eval_file(tmp_path, tiny_encoder, sentiment_csv):
+    held_out = tmp_path / "held_out.csv"
+    held_out.write_text("text,label\n" + "".join(f"truly good item {i},positive\ntruly bad item {i},negative\n"
+                                                 for i in range(5)))
+    run = tmp_path / "run"
+    assert main(["train", "--model", tiny_encoder, "--data", sentiment_csv, "--eval_data", str(held_out),
+                 "--max_length", "16", "--k", "2"] + common_flags(run)) == 0
+    other = tmp_path / "other.csv"
+    other.write_text("text,label\n" + "".join(f"so good thing {i},positive\nso bad thing {i},negative\n"
+                                              for i in range(40)))
+    assert main(["eval", "--adapter", str(run / "adapter"), "--data", str(other), "--test_size", "16",
+                 "--output", str(tmp_path / "m.json")]) == 0
+    metrics = read_json(tmp_path / "m.json")
+    assert metrics["examples_scored"] == 16 and metrics["data"] == str(other)
+
+
+def test_training_refuses_a_max_length_that_cuts_every_answer_away(tmp_path, tiny_llama_dir,
+                                                                  arithmetic_jsonl_module):
+    code, out, _ = run_cli(["train", "--model", tiny_llama_dir, "--task", "instruction", "--data",
+                            arithmetic_jsonl_module, "--test_size", "8", "--max_length", "8"]
+                           + common_flags(tmp_path / "cut"))
+    assert code == 2
+    assert not (tmp_path / "cut" / "adapter").exists()
+
+
+def test_training_warns_when_max_length_cuts_some_answers(tmp_path, tiny_llama_dir):
+    records = [{"instruction": "Say " + " ".join(["word"] * (2 if i % 2 else 60)) + ".", "output": "42",
+                "answer": "42"} for i in range(40)]
+    for i, record in enumerate(records):
+        record["instruction"] += f" ({i})"
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    code, out, caught = run_cli(["train", "--model", tiny_llama_dir, "--task", "instruction", "--data", str(data),
+                                 "--test_size", "8", "--max_length", "64", "--max_new_tokens", "2"]
+                                + common_flags(tmp_path / "run"))
+    assert code == 0
+    assert any(re.search(r"1[0-9] of 32 training examples .*--max_length", text) for text in [out] + caught), out
+
+
+@pytest.fixture(scope="module")
+def llama_without_pad_id(tmp_path_factory, tokenizer_dir):
+    """A decoder whose config names no pad token (as many do); its tokenizer pads with [PAD], not with EOS."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = tokenizer_dir
+    folder = tmp_path_factory.mktemp("llama-no-pad")
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id)).save_pretrained(
+        folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_decoder_classifier_scores_the_same_whatever_the_batch_size(tmp_path, llama_without_pad_id, tmp_path_factory):
+    data = write_sentiment_csv(tmp_path_factory.mktemp("short-long"), rows_per_word=10)
+    scores = []
+    for batch_size in ("1", "7"):
+        out = tmp_path / f"{batch_size}.json"
+        assert main(["eval", "--model", llama_without_pad_id, "--task", "classification", "--data", data,
+                     "--test_size", "12", "--batch_size", batch_size, "--output", str(out)]) == 0
+        scores.append({k: v for k, v in read_json(out).items() if isinstance(v, float)})
+    assert scores[0] == scores[1]
+
+
+def test_eval_of_a_classifier_uses_its_own_label_ids(tmp_path, tiny_bert):
+    """A classifier (merged, fully fine-tuned, from the hub) whose ids run the other way round: the same model, the
+    same scores."""
+    import torch
+    from transformers import AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)  # predicts one class for every row
+    data = tmp_path / "unbalanced.csv"  # 3 positive rows to 1 negative, so that the class predicted shows
+    data.write_text("text,label\n" + "".join(f"item {i} is fine,positive\nitem {i} is fair,positive\n"
+                                             f"item {i} is nice,positive\nitem {i} is poor,negative\n"
+                                             for i in range(30)))
+    flags = ["--data", str(data), "--max_length", "16", "--seed", "3", "--test_size", "40"]
+    scores = []
+    for name, order in (("original", ["negative", "positive"]), ("flipped", ["positive", "negative"])):
+        if name == "flipped":
+            with torch.no_grad():
+                model.classifier.weight.copy_(model.classifier.weight.flip(0))
+                model.classifier.bias.copy_(model.classifier.bias.flip(0))
+        model.config.id2label = dict(enumerate(order))
+        model.config.label2id = {label: i for i, label in enumerate(order)}
+        model.save_pretrained(tmp_path / name)
+        AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / name)
+        assert main(["eval", "--model", str(tmp_path / name), "--output", str(tmp_path / f"{name}.json")]
+                    + flags) == 0
+        scores.append(read_json(tmp_path / f"{name}.json"))
+    assert scores[0]["accuracy"] != 0.5  # (so that the flip shows)
+    assert {k: scores[1][k] for k in ("accuracy", "f1", "matthews")} == \
+        {k: scores[0][k] for k in ("accuracy", "f1", "matthews")}
+
+
+def test_a_classifier_loads_in_float32_whatever_its_checkpoint(tmp_path, tiny_bert):
+    import torch
+
+    from neuroada_recipes.models import load_classifier
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_bert).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = load_classifier(str(tmp_path), 2)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -485,3 +485,26 @@ def test_two_checkpointed_forwards_backpropagated_one_after_the_other(tokens):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_merge_into_an_output_layer_tied_to_the_embeddings_is_refused(tokens):
+    """Writing the deltas into a tied lm_head would change the input embeddings too (SmolLM2, GPT-2 tie them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    assert base.lm_head.weight is base.get_input_embeddings().weight
+    with pytest.warns(UserWarning):  # PEFT's own warning about tied target modules
+        model = get_peft_model(base, NeuroAdaConfig(k=2, target_modules=["q_proj", "lm_head"], init_weights=False))
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    expected = _logits(model.eval(), tokens)
+    with pytest.raises(ValueError, match="tied to the input embeddings"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="tied to the input embeddings"):
+        model.merge_and_unload()
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)
+    torch.testing.assert_close(_logits(model, tokens), expected)
+    untied = get_peft_model(tiny_gpt2_model(), NeuroAdaConfig(k=2, init_weights=False)).eval()  # lm_head not adapted
+    expected = _logits(untied, tokens)
+    torch.testing.assert_close(_logits(untied.merge_and_unload(), tokens), expected, atol=1e-5, rtol=1e-5)

@@ -209,6 +209,22 @@ class NeuroAdaModel(BaseTuner):
                 with onload_layer(layer) if offloaded else nullcontext():
                     layer.merge(adapter_names=adapter_names, safe_merge=safe_merge)
 
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        # An output layer tied to the input embeddings (SmolLM2, GPT-2, ...) shares its weight with them: writing
+        # the deltas into it would change the embeddings too, which the unmerged adapter never does.
+        get_input, get_output = (getattr(self.model, name, None)
+                                 for name in ("get_input_embeddings", "get_output_embeddings"))
+        output = get_output() if get_output is not None else None
+        embeddings = get_input() if get_input is not None else None
+        if isinstance(output, NeuroAdaLayer) and embeddings is not None and \
+                output.get_base_layer().weight is getattr(embeddings, "weight", None):
+            raise ValueError(
+                "the adapter adapts the output layer, whose weight is tied to the input embeddings; merging would "
+                "write its deltas into the embeddings too and change the model. Keep the adapter unmerged, or untie "
+                "the weights first (model.config.tie_word_embeddings = False and give the output layer its own copy "
+                "of the weight) before get_peft_model, or leave the output layer out of target_modules.")
+
     def add_weighted_adapter(self, *args, **kwargs):
         raise NotImplementedError(
             "add_weighted_adapter is not supported for NeuroAda: adapters with different selections hold their deltas "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -400,10 +401,13 @@ def eval_command(argv: list[str]) -> int:
     if task.data is None:
         raise UsageError("give --data: " + ("the adapter folder records no data (it was not written by "
                                             "neuroada train)" if folder else "the data to score the model on"))
-    run = TaskRun(task, labels=folder.labels if folder else None, head_size=folder.head_size() if folder else None)
+    labels = folder.labels if folder else _model_labels(task) if task.task == "classification" else None
+    run = TaskRun(task, labels=labels, head_size=folder.head_size() if folder else None)
     seed = eval_args.seed if eval_args.seed is not None else (folder.seed if folder else None)
     seed = 42 if seed is None else seed
     test_set = run.prepare_test(seed)
+    if folder:
+        run.check_training_split(folder)
     model = run.load_adapted_model(folder) if folder else run.load_base_model()
     device = eval_args.device or _default_device()
     model.to(device)
@@ -414,7 +418,8 @@ def eval_command(argv: list[str]) -> int:
         if name != "examples":
             print(f"  {name:<12}: {value:.4f}")
     if eval_args.output:
-        _write_json(eval_args.output, metrics | {"examples_scored": len(test_set), "data": task.data, "seed": seed,
+        _write_json(eval_args.output, metrics | {"examples_scored": len(test_set), "data": task.eval_data or task.data,
+                                                 "seed": seed,
                                                  "device": str(device)})
         respect_umask(eval_args.output)
         print(f"metrics written to {eval_args.output}")
@@ -517,7 +522,9 @@ class AdapterFolder:
     def task(self, given: TaskArguments, explicit: set[str]) -> TaskArguments:
         """The adapter's task, with the flags the user gave on top."""
         if self.run_info:
-            saved = self.run_info["task"]
+            saved = dict(self.run_info["task"])
+            if "data" in explicit and "eval_data" not in explicit:
+                saved["eval_data"] = None  # the run's held-out file belongs to the run's data, not to new data
             return TaskArguments(**{k: (getattr(given, k) if k in explicit else v) for k, v in saved.items()})
         task = TaskArguments(**asdict(given))
         if "model" not in explicit:
@@ -580,6 +587,7 @@ class TaskRun:
         self.labels = labels
         self.head_size = head_size  # outputs of an adapter's saved head, when its label names are unknown
         self.split_text = ""
+        self.test_split = None
         self.model_path = resolve_model(task.model)
         self.tokenizer = load_tokenizer(self.model_path)
         self.classification = task.task == "classification"
@@ -638,6 +646,7 @@ class TaskRun:
                 splits.test = load_table(task.eval_data)
                 self.split_text += f"; test data replaced by {task.eval_data} ({len(splits.test)} rows)"
         self._check_columns(splits, test_only)
+        self._fingerprint_test_split(splits.test)
         return splits
 
     def _check_columns(self, splits: Splits, test_only: bool) -> None:
@@ -661,8 +670,10 @@ class TaskRun:
         if not self.classification:
             if which == "test":
                 return split  # raw records, for generation
-            return split.map(lambda r: encode_instruction(r, self.tokenizer, task.max_length),
-                             remove_columns=split.column_names)
+            encoded = split.map(lambda r: encode_instruction(r, self.tokenizer, task.max_length),
+                                remove_columns=split.column_names)
+            self._check_answers_fit(encoded)
+            return encoded
         split = self._with_label_ids(split)
         encode = lambda b: encode_classification(b, self.tokenizer, task.text_column,  # noqa: E731
                                                  task.text_pair_column, task.max_length)
@@ -687,6 +698,22 @@ class TaskRun:
         held_out = set(test["instruction"])
         train = train.filter(lambda r: r["instruction"] not in held_out)  # the problem pool repeats itself
         return Splits(train, test)
+
+    def _check_answers_fit(self, encoded) -> None:
+        """Examples whose response (with its EOS) --max_length cut: all of them is an error (training would learn
+        nothing, or to stop without answering), some of them a warning."""
+        eos = self.tokenizer.eos_token_id
+        labels = encoded["labels"]
+        cut = sum(1 for row in labels if not row or row[-1] != eos)
+        if not cut:
+            return
+        empty = sum(1 for row in labels if all(label == -100 for label in row))
+        message = (f"{cut} of {len(labels)} training examples lose (part of) their answer to --max_length "
+                   f"{self.task.max_length}" + (f", {empty} of them all of it" if empty else ""))
+        if cut == len(labels):
+            raise UsageError(f"{message}: training would teach nothing, or to stop before the answer. Raise "
+                             "--max_length to hold a prompt and its answer.")
+        print(f"warning: {message}; raise --max_length to keep them whole.")
 
     def _with_label_ids(self, split):
         values = [str(v) for v in split[self.task.label_column]]
@@ -714,7 +741,8 @@ class TaskRun:
         if self.labels is None and self.head_size is None:
             raise UsageError("the number of classes is unknown: give --data")
         model = load_classifier(self.model_path, len(self.labels) if self.labels else self.head_size,
-                                supplied=("classifier", "score") if supplied is None else supplied)
+                                supplied=("classifier", "score") if supplied is None else supplied,
+                                pad_token_id=self.tokenizer.pad_token_id)
         if self.labels:
             model.config.id2label = dict(enumerate(self.labels))
             model.config.label2id = {label: i for i, label in enumerate(self.labels)}
@@ -742,7 +770,31 @@ class TaskRun:
                                    desc=f"generating ({stage})", per_example=per_example)
 
     def info(self) -> dict:
-        return {"task": asdict(self.task), "labels": self.labels}
+        return {"task": asdict(self.task), "labels": self.labels, "test_split": self.test_split}
+
+    def _fingerprint_test_split(self, test) -> None:
+        """Which rows the test split holds (a hash of their texts, in order), so that eval can tell whether it
+        scores the same held-out rows as the training run."""
+        import hashlib
+
+        column = self.task.text_column if self.classification else "instruction"
+        texts = test[column] if column in test.column_names else []
+        digest = hashlib.sha256(json.dumps([str(text) for text in texts]).encode()).hexdigest()[:16]
+        self.test_split = {"rows": len(test), "fingerprint": digest}
+
+    def check_training_split(self, folder: "AdapterFolder") -> None:
+        """Refuse to score a split of the training data other than the one the training run held out: its rows
+        may be training rows."""
+        saved = folder.run_info.get("test_split")
+        task = folder.run_info.get("task", {})
+        if not saved or task.get("data") != self.task.data or task.get("eval_data") != self.task.eval_data:
+            return  # other data (the user's to keep apart), or an adapter from before the split was recorded
+        if saved != self.test_split:
+            raise UsageError(
+                f"the test split ({self.test_split['rows']} rows) is not the one the training run held out "
+                f"({saved['rows']} rows): --seed or --test_size differ from the run's, or {self.task.data} changed "
+                "since; it may hold rows the adapter was trained on. Leave out --seed and --test_size with the "
+                "data as it was, or score held-out data with --eval_data FILE.")
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -895,6 +947,23 @@ def respect_umask(path: str) -> None:
                                                  for name in names]
     for file in paths:
         os.chmod(file, mode)
+
+
+def _model_labels(task: TaskArguments) -> list[str] | None:
+    """The class names of a classifier folder in id order (a merged or fully fine-tuned model, one from the hub),
+    so that eval scores it with its own ids; None when it names none (``LABEL_0``, ...) or is no classifier."""
+    from transformers import AutoConfig
+
+    from .models import resolve_model
+
+    try:
+        id2label = AutoConfig.from_pretrained(resolve_model(task.model)).id2label or {}
+    except (OSError, ValueError):
+        return None
+    names = [str(id2label[i]) for i in sorted(id2label, key=int)]
+    if not names or all(re.fullmatch(r"LABEL_\d+", name) for name in names):
+        return None
+    return names
 
 
 def _default_device() -> str:

@@ -47,17 +47,24 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_classifier(path: str, num_labels: int, supplied: tuple[str, ...] = ()):
+def load_classifier(path: str, num_labels: int, supplied: tuple[str, ...] = (), pad_token_id: int | None = None):
     """``supplied``: modules whose weights come from elsewhere (the adapter's new head), so transformers' report
-    that the checkpoint lacks them is expected and not shown."""
+    that the checkpoint lacks them is expected and not shown. ``pad_token_id``: the tokenizer's, which a decoder
+    classifier needs to find each row's last real token (with another id it reads padding, and its predictions
+    change with the batch). Loaded in float32 whatever the checkpoint's dtype, as causal models are: the new head is
+    trained at full precision (``--bf16`` makes the compute bf16)."""
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     try:
         with _expected_missing_weights(supplied):
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                       dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load {path!r} as a sequence classifier: {error}") from error
-    if model.config.pad_token_id is None:
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    elif model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
 
