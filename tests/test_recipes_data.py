@@ -42,6 +42,40 @@ def test_split_removes_duplicates_so_no_text_is_in_both():
         deduplicated_split(table, "text", test_size=50, train_size=None, seed=0)
 
 
+def test_split_keeps_text_pairs_that_share_a_text():
+    """NLI-style rows: three hypotheses per premise are three examples, not duplicates of the first."""
+    premises = [f"premise {i}" for i in range(40) for _ in range(3)]
+    hypotheses = [f"hypothesis {j} of {i}" for i in range(40) for j in range(3)]
+    table = Dataset.from_dict({"premise": premises, "hypothesis": hypotheses, "label": [i % 3 for i in range(120)]})
+    splits = deduplicated_split(table, ("premise", "hypothesis"), test_size=12, train_size=None, seed=0)
+    assert splits.distinct == 120 and len(splits.train) == 108
+    doubled = Dataset.from_dict({name: list(table[name]) * 2 for name in table.column_names})
+    assert deduplicated_split(doubled, ("premise", "hypothesis"), 12, None, seed=0).distinct == 120  # true repeats go
+
+
+def test_split_keeps_instructions_with_different_inputs():
+    """Alpaca-style records: one instruction with many inputs; a missing and an empty input are the same."""
+    records = [{"instruction": "Add the numbers.", "input": f"{a} and {b}", "output": str(a + b)}
+               for a in range(10) for b in range(10)]
+    records += [{"instruction": "Say hi.", "input": "", "output": "hi"}, {"instruction": "Say hi.", "output": "hi"}]
+    table = Dataset.from_list(records)
+    assert table["input"][-1] is None  # datasets fills the missing key
+    splits = deduplicated_split(table, ("instruction", "input"), test_size=10, train_size=None, seed=0)
+    assert splits.distinct == 101
+    pairs = lambda split: {(r["instruction"], r["input"] or "") for r in split}  # noqa: E731
+    assert not pairs(splits.test) & pairs(splits.train)
+
+
+def test_split_on_one_column_is_unchanged_by_the_tuple_form():
+    """Records without an ``input`` column split exactly as before: a one-column tuple is the column itself."""
+    table = Dataset.from_dict({"instruction": [f"q{i % 70}" for i in range(100)] + [""], "output": ["o"] * 101})
+    one = deduplicated_split(table, "instruction", test_size=None, train_size=None, seed=4)
+    tuple_form = deduplicated_split(table, ("instruction",), test_size=None, train_size=None, seed=4)
+    assert one.distinct == tuple_form.distinct == 70  # the empty instruction is dropped too
+    assert one.test["instruction"] == tuple_form.test["instruction"]
+    assert one.train["instruction"] == tuple_form.train["instruction"]
+
+
 def test_default_test_split_scales_with_the_data():
     assert [default_test_size(n) for n in (5, 300, 9_999, 36_243)] == [1, 30, 999, 1000]
     table = Dataset.from_dict({"text": [f"t{i}" for i in range(300)], "label": [i % 2 for i in range(300)]})

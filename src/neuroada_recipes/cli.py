@@ -60,7 +60,7 @@ class TaskArguments:
     answer_kind: Literal["number", "option"] = field(default="number", metadata={
         "help": "Instruction: how answers are read from a generation: the last number, or an option label."})
     test_size: Optional[int] = field(default=None, metadata={
-        "help": "Held-out test examples (distinct texts). Default: 10%% of the distinct rows, at most 1,000."})
+        "help": "Held-out test examples (distinct ones). Default: 10%% of the distinct rows, at most 1,000."})
     train_size: Optional[int] = field(default=None, metadata={
         "help": "Training examples. Default: every row not held out (2,000 generated problems for reasoning-gym)."})
     max_length: int = field(default=128, metadata={"help": "Tokens per example."})
@@ -628,10 +628,17 @@ class TaskRun:
                 self.split_text = f"{task.data}: {len(splits.test)} test rows ({held_out[0]} split)" + (
                     "" if test_only else f", {len(splits.train)} training rows (train split)")
             else:
-                key = task.text_column if self.classification else "instruction"
-                require_columns(table, [key], task.data)
+                # an example is its text and pair, or its instruction and input: rows sharing a premise or an
+                # instruction are different examples
+                if self.classification:
+                    key = (task.text_column,) + ((task.text_pair_column,) if task.text_pair_column else ())
+                    kind = "text pairs" if task.text_pair_column else "texts"
+                else:
+                    key = ("instruction",) + (("input",) if "input" in table.column_names else ())
+                    kind = "instructions with their inputs" if len(key) == 2 else "instructions"
+                require_columns(table, list(key), task.data)
                 splits = deduplicated_split(table, key, task.test_size, task.train_size, seed, test_only=test_only)
-                self.split_text = (f"{task.data}: {len(table)} rows, {splits.distinct} distinct texts; "
+                self.split_text = (f"{task.data}: {len(table)} rows, {splits.distinct} distinct {kind}; "
                                    f"{len(splits.test)} test rows"
                                    + ("" if test_only else f", {len(splits.train)} training rows"))
             if task.eval_data:

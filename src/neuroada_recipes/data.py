@@ -141,15 +141,22 @@ def default_test_size(distinct_rows: int) -> int:
     return max(1, min(MAX_TEST_SIZE, int(distinct_rows * TEST_SHARE)))
 
 
-def deduplicated_split(table: Dataset, key: str, test_size: int | None, train_size: int | None, seed: int,
-                       test_only: bool = False) -> Splits:
-    """Shuffle by seed, keep one row per distinct ``key`` value (so no text is in both splits), then take the
-    test rows first and the training rows after them. ``test_size=None``: ``default_test_size``. ``test_only``
-    leaves the training split empty (for evaluation)."""
+def deduplicated_split(table: Dataset, key: str | tuple[str, ...], test_size: int | None, train_size: int | None,
+                       seed: int, test_only: bool = False) -> Splits:
+    """Shuffle by seed, keep one row per distinct ``key`` value (so no example is in both splits), then take the
+    test rows first and the training rows after them. ``key``: a column, or columns that together make an example
+    (text and text pair; instruction and input), the later ones with a missing value read as "". Rows whose first
+    column is empty are dropped. ``test_size=None``: ``default_test_size``. ``test_only`` leaves the training split
+    empty (for evaluation)."""
+    columns = (key,) if isinstance(key, str) else tuple(key)
+    first = table[columns[0]]
+    # one column keeps its values as the key: the rows kept are exactly those of the one-column form
+    values = first if len(columns) == 1 else zip(first, *([v if v is not None else "" for v in table[column]]
+                                                           for column in columns[1:]))
     seen: set = set()
     keep = []
-    for index, value in enumerate(table[key]):
-        if value not in seen and value not in (None, ""):
+    for index, (head, value) in enumerate(zip(first, values)):
+        if value not in seen and head not in (None, ""):
             seen.add(value)
             keep.append(index)
     table = table.select(keep).shuffle(seed=seed)
