@@ -610,7 +610,7 @@ class TaskRun:
         return self._encode(self._splits(seed, test_only=True).test, "test")
 
     def _splits(self, seed: int, test_only: bool) -> Splits:
-        from .data import deduplicated_split, load_table, require_columns
+        from .data import deduplicated_split, drop_unlabelled, load_table, require_columns
 
         task = self.task
         if task.data.startswith("reasoning-gym:"):
@@ -636,9 +636,14 @@ class TaskRun:
                 else:
                     key = ("instruction",) + (("input",) if "input" in table.column_names else ())
                     kind = "instructions with their inputs" if len(key) == 2 else "instructions"
-                require_columns(table, list(key), task.data)
+                require_columns(table, list(key) + ([task.label_column] if self.classification else []), task.data)
+                rows, dropped = len(table), 0
+                if self.classification:
+                    table, dropped = drop_unlabelled(table, task.label_column, task.data)
                 splits = deduplicated_split(table, key, task.test_size, task.train_size, seed, test_only=test_only)
-                self.split_text = (f"{task.data}: {len(table)} rows, {splits.distinct} distinct {kind}; "
+                self.split_text = (f"{task.data}: {rows} rows, "
+                                   + (f"{dropped} without a label dropped, " if dropped else "")
+                                   + f"{splits.distinct} distinct {kind}; "
                                    f"{len(splits.test)} test rows"
                                    + ("" if test_only else f", {len(splits.train)} training rows"))
             if task.eval_data:
@@ -696,7 +701,7 @@ class TaskRun:
         return Splits(train, test)
 
     def _with_label_ids(self, split):
-        values = [str(v) for v in split[self.task.label_column]]
+        values = [_label_name(v) for v in split[self.task.label_column]]
         if self.labels is None:
             self.labels = _label_order(set(values))
             if len(self.labels) < 2:
@@ -753,6 +758,14 @@ class TaskRun:
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _label_name(value) -> str:
+    """A label as a class name. Integral floats are integers: pandas reads an integer column with an empty cell as
+    floats, which would name the classes '0.0' and '1.0'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _label_order(values: set[str]) -> list[str]:

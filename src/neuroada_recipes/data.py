@@ -136,6 +136,17 @@ def require_columns(table: Dataset, columns: list[str], source: str) -> None:
         )
 
 
+def drop_unlabelled(table: Dataset, column: str, source: str) -> tuple[Dataset, int]:
+    """``table`` without the rows whose ``column`` is missing, NaN or blank (an empty CSV cell would otherwise
+    become a class of its own), and how many were dropped."""
+    keep = [index for index, value in enumerate(table[column])
+            if not (value is None or value != value or (isinstance(value, str) and not value.strip()))]
+    if not keep:
+        raise DataError(f"{source!r} has no labels in its label column {column!r}; name the column that holds "
+                        "them with --label_column")
+    return (table if len(keep) == len(table) else table.select(keep)), len(table) - len(keep)
+
+
 def default_test_size(distinct_rows: int) -> int:
     """The test split used when --test_size is not given: 10% of the distinct rows, at least 1, at most 1,000."""
     return max(1, min(MAX_TEST_SIZE, int(distinct_rows * TEST_SHARE)))
