@@ -481,6 +481,76 @@ def test_offline_default_recipe_runs_on_real_minilm(tmp_path, capsys):
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
 
 
+def test_text_pairs_are_deduplicated_as_pairs(tiny_encoder, tmp_path):
+    """An NLI-style file, three hypotheses per premise: every row stays (two thirds were dropped as duplicates)."""
+    hypotheses = (("yes it is", "entail"), ("no it is not", "contradict"), ("maybe", "neutral"))
+    rows = ["premise,hypothesis,label"] + [f"premise {i},{h} {i},{label}" for i in range(40) for h, label in hypotheses]
+    (tmp_path / "nli.csv").write_text("\n".join(rows) + "\n")
+    task, _, _, _ = cli.parse_train_arguments(["--model", tiny_encoder, "--data", str(tmp_path / "nli.csv"),
+                                               "--text_column", "premise", "--text_pair_column", "hypothesis"])
+    run = cli.TaskRun(task)
+    train, test = run.prepare_data(seed=0)
+    assert (len(test), len(train)) == (12, 108)
+    assert "120 rows, 120 distinct text pairs; 12 test rows, 108 training rows" in run.split_text
+    assert run.labels == ["contradict", "entail", "neutral"]
+
+
+def test_instruction_records_are_deduplicated_with_their_input(tiny_llama_dir, tmp_path):
+    records = [{"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": str(a + b),
+                "answer": str(a + b)} for a in range(10) for b in range(10)]
+    records += [{"instruction": f"Calculate {a} times 2.", "input": "", "output": str(2 * a), "answer": str(2 * a)}
+                for a in range(30)]
+    (tmp_path / "alpaca.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    task, _, _, _ = cli.parse_train_arguments(["--model", tiny_llama_dir, "--task", "instruction",
+                                               "--data", str(tmp_path / "alpaca.jsonl")])
+    run = cli.TaskRun(task)
+    splits = run._splits(seed=0, test_only=False)
+    assert (len(splits.test), len(splits.train)) == (13, 117)  # the 100 inputs were 1 distinct instruction
+    assert "130 rows, 130 distinct instructions with their inputs; 13 test rows, 117 training rows" in run.split_text
+
+
+def test_instruction_records_without_input_split_as_before(tiny_llama_dir, tmp_path):
+    """No ``input`` column: the same rows as before inputs counted (pinned from the earlier code)."""
+    records = [{"instruction": f"Calculate {a} + {b}.", "output": str(a + b), "answer": str(a + b)}
+               for a in range(6) for b in range(4)] * 2
+    (tmp_path / "plain.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    task, _, _, _ = cli.parse_train_arguments(["--model", tiny_llama_dir, "--task", "instruction",
+                                               "--data", str(tmp_path / "plain.jsonl"), "--test_size", "4"])
+    run = cli.TaskRun(task)
+    splits = run._splits(seed=3, test_only=False)
+    assert splits.test["instruction"] == ["Calculate 3 + 1.", "Calculate 3 + 0.", "Calculate 3 + 3.",
+                                          "Calculate 5 + 3."]
+    assert splits.train["instruction"][:3] == ["Calculate 0 + 0.", "Calculate 4 + 1.", "Calculate 0 + 3."]
+    assert len(splits.train) == 20 and "48 rows, 24 distinct instructions;" in run.split_text
+
+
+@pytest.mark.parametrize("labels, unlabelled, classes", [
+    (("positive", "negative"), ["text odd,", 'text odder," "'], ["negative", "positive"]),
+    ((1, 0), ["text odd,", "text odder,"], ["0", "1"]),  # empty cells alone: pandas reads floats
+])
+def test_rows_without_a_label_are_dropped(tiny_encoder, tmp_path, labels, unlabelled, classes):
+    """An empty label cell is no class (it made a third one, 'None'), and integer labels stay integers (one empty
+    cell made pandas read them as floats: '0.0', '1.0')."""
+    rows = ["text,label"] + [f"text {w} {i},{label}" for i in range(30) for w, label in zip(("good", "bad"), labels)]
+    rows += unlabelled
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    task, _, _, _ = cli.parse_train_arguments(["--model", tiny_encoder, "--data", str(tmp_path / "labels.csv"),
+                                               "--test_size", "6"])
+    run = cli.TaskRun(task)
+    train, test = run.prepare_data(seed=0)
+    assert run.labels == classes
+    assert (len(test), len(train)) == (6, 54)
+    assert sorted(set(train["labels"]) | set(test["labels"])) == [0, 1]
+    assert "62 rows, 2 without a label dropped, 60 distinct texts; 6 test rows" in run.split_text
+
+
+def test_a_label_column_without_labels_is_refused(tiny_encoder, tmp_path):
+    (tmp_path / "unlabelled.csv").write_text("text,label\n" + "".join(f"text {i},\n" for i in range(20)))
+    task, _, _, _ = cli.parse_train_arguments(["--model", tiny_encoder, "--data", str(tmp_path / "unlabelled.csv")])
+    with pytest.raises(cli.DataError, match="no labels.*'label'"):
+        cli.TaskRun(task).prepare_data(seed=0)
+
+
 def test_hub_dataset_with_glue_columns_and_validation_split(tiny_bert, monkeypatch):
     from datasets import Dataset, DatasetDict
 

@@ -4,6 +4,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 
 from neuroada_recipes.data import DataError, deduplicated_split, default_test_size, load_table
@@ -39,6 +40,40 @@ def test_split_removes_duplicates_so_no_text_is_in_both():
     assert again.test["text"] == splits.test["text"]  # the seed fixes the split
     with pytest.raises(DataError, match="only 50 distinct rows"):
         deduplicated_split(table, "text", test_size=50, train_size=None, seed=0)
+
+
+def test_split_keeps_text_pairs_that_share_a_text():
+    """NLI-style rows: three hypotheses per premise are three examples, not duplicates of the first."""
+    premises = [f"premise {i}" for i in range(40) for _ in range(3)]
+    hypotheses = [f"hypothesis {j} of {i}" for i in range(40) for j in range(3)]
+    table = Dataset.from_dict({"premise": premises, "hypothesis": hypotheses, "label": [i % 3 for i in range(120)]})
+    splits = deduplicated_split(table, ("premise", "hypothesis"), test_size=12, train_size=None, seed=0)
+    assert splits.distinct == 120 and len(splits.train) == 108
+    doubled = Dataset.from_dict({name: list(table[name]) * 2 for name in table.column_names})
+    assert deduplicated_split(doubled, ("premise", "hypothesis"), 12, None, seed=0).distinct == 120  # true repeats go
+
+
+def test_split_keeps_instructions_with_different_inputs():
+    """Alpaca-style records: one instruction with many inputs; a missing and an empty input are the same."""
+    records = [{"instruction": "Add the numbers.", "input": f"{a} and {b}", "output": str(a + b)}
+               for a in range(10) for b in range(10)]
+    records += [{"instruction": "Say hi.", "input": "", "output": "hi"}, {"instruction": "Say hi.", "output": "hi"}]
+    table = Dataset.from_list(records)
+    assert table["input"][-1] is None  # datasets fills the missing key
+    splits = deduplicated_split(table, ("instruction", "input"), test_size=10, train_size=None, seed=0)
+    assert splits.distinct == 101
+    pairs = lambda split: {(r["instruction"], r["input"] or "") for r in split}  # noqa: E731
+    assert not pairs(splits.test) & pairs(splits.train)
+
+
+def test_split_on_one_column_is_unchanged_by_the_tuple_form():
+    """Records without an ``input`` column split exactly as before: a one-column tuple is the column itself."""
+    table = Dataset.from_dict({"instruction": [f"q{i % 70}" for i in range(100)] + [""], "output": ["o"] * 101})
+    one = deduplicated_split(table, "instruction", test_size=None, train_size=None, seed=4)
+    tuple_form = deduplicated_split(table, ("instruction",), test_size=None, train_size=None, seed=4)
+    assert one.distinct == tuple_form.distinct == 70  # the empty instruction is dropped too
+    assert one.test["instruction"] == tuple_form.test["instruction"]
+    assert one.train["instruction"] == tuple_form.train["instruction"]
 
 
 def test_default_test_split_scales_with_the_data():
@@ -77,6 +112,77 @@ def test_answer_extraction(text, kind, expected):
 def test_answers_match_numbers_by_value():
     assert answers_match("1234", "1,234", "number") and not answers_match("12", "13", "number")
     assert not answers_match(None, "1", "number")
+
+
+# Pins number extraction and matching on generations like those of the smollm2-arithmetic / smollm2-legs recipes: the
+# benchmarks compare runs scored with this behaviour, so any change here has to be deliberate.
+NUMBER_GENERATIONS = [
+    ("42", "42"), (" -15", "-15"), ("The answer is 20.", "20"), ("1,234", "1234"), ("3 + 4 = 7", "7"),
+    ("2.50", "2.5"), ("5.0", "5"), ("007", "7"), ("-0.0", "0"), ("1,2,3", "123"), ("10-3=7", "7"), ("$18", "18"),
+    ("12\n\n### Instruction:\nCalculate 5 + 6", "6"), ("There are 2 dogs and 3 birds: 14 legs", "14"),
+    ("", None), ("none", None),
+]
+
+
+@pytest.mark.parametrize("text, expected", NUMBER_GENERATIONS)
+def test_number_extraction_is_pinned(text, expected):
+    assert extract_answer(text, "number") == expected
+    # the record's answer, which option answers need, changes nothing for numbers
+    assert extract_answer(text, "number", "99") == expected
+
+
+def test_number_matching_is_pinned():
+    pairs = [("20", "20"), ("-3", "-3"), ("1234", "1,234"), ("2.5", "2.50"), ("5", "5.0"), ("0", "-0")]
+    assert all(answers_match(predicted, answer, "number") for predicted, answer in pairs)
+    misses = [("20", "21"), ("2.5", "2.6"), ("7", "seven"), (None, "7"), ("1", "1.00001")]
+    assert not any(answers_match(predicted, answer, "number") for predicted, answer in misses)
+
+
+# LLM-Adapters' commonsense_170k answers and how its evaluation reads them: the first answerN / solutionN / optionN /
+# endingN token of the generation's kind (case-sensitive), true/false; letters as in AQuA
+@pytest.mark.parametrize("text, answer, extracted", [
+    ("the correct answer is answer2", "answer2", "answer2"),
+    ("the correct answer is option1", "option1", "option1"),
+    ("the correct answer is solution2", "solution2", "solution2"),
+    ("the correct answer is ending3", "ending3", "ending3"),
+    ("the correct answer is answer1, not answer3", "answer3", "answer1"),  # the first one, as LLM-Adapters
+    ("the correct answer is answer4", "answer5", "answer4"),
+    ("the correct answer is true", "true", "true"),
+    ("False.", "false", "false"),
+    ("B", "B", "b"),
+    ("It is a trick; the answer is C", "C", "c"),  # not the article "a"
+    ("Answer: (D)", "D", "d"),
+    ("a box or a bag, I would say E", "E", "e"),
+    ("a b c", "B", None),  # lower-case words are not option letters
+    ("I think 2", "2", "2"),
+])
+def test_option_extraction(text, answer, extracted):
+    assert extract_answer(text, "option", answer) == extracted
+    assert answers_match(extract_answer(text, "option", answer), answer, "option") == (extracted == answer.lower())
+
+
+def test_option_answers_in_commonsense_form_are_scored(tokenizer_dir):
+    """evaluate_generation reads the generation with the record's answer: a model that writes the training output
+    scores 1 (it scored 0 on answerN / optionN / endingN)."""
+    from neuroada_recipes.tasks import evaluate_generation
+
+    _, tokenizer = tokenizer_dir
+
+    class Writes(torch.nn.Module):  # generates a fixed text after every prompt
+        def __init__(self, text):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        def generate(self, input_ids, **kwargs):
+            return torch.cat([input_ids, self.ids.expand(len(input_ids), -1)], 1)
+
+    for answer in ("answer2", "option1", "solution2", "ending3", "true"):
+        record = {"instruction": "Which one?", "input": "", "answer": answer}
+        scored = evaluate_generation(Writes(f"the correct answer is {answer}"), tokenizer, [record], "option")
+        assert scored["exact_match"] == 1.0, answer
+        wrong = evaluate_generation(Writes("the correct answer is answer1"), tokenizer, [record], "option")
+        assert wrong["exact_match"] == 0.0, answer
 
 
 def test_instruction_loss_covers_the_response_only():

@@ -61,7 +61,7 @@ class TaskArguments:
     answer_kind: Literal["number", "option"] = field(default="number", metadata={
         "help": "Instruction: how answers are read from a generation: the last number, or an option label."})
     test_size: Optional[int] = field(default=None, metadata={
-        "help": "Held-out test examples (distinct texts). Default: 10%% of the distinct rows, at most 1,000."})
+        "help": "Held-out test examples (distinct ones). Default: 10%% of the distinct rows, at most 1,000."})
     train_size: Optional[int] = field(default=None, metadata={
         "help": "Training examples. Default: every row not held out (2,000 generated problems for reasoning-gym)."})
     max_length: int = field(default=128, metadata={"help": "Tokens per example."})
@@ -618,7 +618,7 @@ class TaskRun:
         return self._encode(self._splits(seed, test_only=True).test, "test")
 
     def _splits(self, seed: int, test_only: bool) -> Splits:
-        from .data import deduplicated_split, load_table, require_columns
+        from .data import deduplicated_split, drop_unlabelled, load_table, require_columns
 
         task = self.task
         if task.data.startswith("reasoning-gym:"):
@@ -636,10 +636,22 @@ class TaskRun:
                 self.split_text = f"{task.data}: {len(splits.test)} test rows ({held_out[0]} split)" + (
                     "" if test_only else f", {len(splits.train)} training rows (train split)")
             else:
-                key = task.text_column if self.classification else "instruction"
-                require_columns(table, [key], task.data)
+                # an example is its text and pair, or its instruction and input: rows sharing a premise or an
+                # instruction are different examples
+                if self.classification:
+                    key = (task.text_column,) + ((task.text_pair_column,) if task.text_pair_column else ())
+                    kind = "text pairs" if task.text_pair_column else "texts"
+                else:
+                    key = ("instruction",) + (("input",) if "input" in table.column_names else ())
+                    kind = "instructions with their inputs" if len(key) == 2 else "instructions"
+                require_columns(table, list(key) + ([task.label_column] if self.classification else []), task.data)
+                rows, dropped = len(table), 0
+                if self.classification:
+                    table, dropped = drop_unlabelled(table, task.label_column, task.data)
                 splits = deduplicated_split(table, key, task.test_size, task.train_size, seed, test_only=test_only)
-                self.split_text = (f"{task.data}: {len(table)} rows, {splits.distinct} distinct texts; "
+                self.split_text = (f"{task.data}: {rows} rows, "
+                                   + (f"{dropped} without a label dropped, " if dropped else "")
+                                   + f"{splits.distinct} distinct {kind}; "
                                    f"{len(splits.test)} test rows"
                                    + ("" if test_only else f", {len(splits.train)} training rows"))
             if task.eval_data:
@@ -716,7 +728,7 @@ class TaskRun:
         print(f"warning: {message}; raise --max_length to keep them whole.")
 
     def _with_label_ids(self, split):
-        values = [str(v) for v in split[self.task.label_column]]
+        values = [_label_name(v) for v in split[self.task.label_column]]
         if self.labels is None:
             self.labels = _label_order(set(values))
             if len(self.labels) < 2:
@@ -798,6 +810,14 @@ class TaskRun:
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _label_name(value) -> str:
+    """A label as a class name. Integral floats are integers: pandas reads an integer column with an empty cell as
+    floats, which would name the classes '0.0' and '1.0'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _label_order(values: set[str]) -> list[str]:

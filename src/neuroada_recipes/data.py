@@ -136,20 +136,38 @@ def require_columns(table: Dataset, columns: list[str], source: str) -> None:
         )
 
 
+def drop_unlabelled(table: Dataset, column: str, source: str) -> tuple[Dataset, int]:
+    """``table`` without the rows whose ``column`` is missing, NaN or blank (an empty CSV cell would otherwise
+    become a class of its own), and how many were dropped."""
+    keep = [index for index, value in enumerate(table[column])
+            if not (value is None or value != value or (isinstance(value, str) and not value.strip()))]
+    if not keep:
+        raise DataError(f"{source!r} has no labels in its label column {column!r}; name the column that holds "
+                        "them with --label_column")
+    return (table if len(keep) == len(table) else table.select(keep)), len(table) - len(keep)
+
+
 def default_test_size(distinct_rows: int) -> int:
     """The test split used when --test_size is not given: 10% of the distinct rows, at least 1, at most 1,000."""
     return max(1, min(MAX_TEST_SIZE, int(distinct_rows * TEST_SHARE)))
 
 
-def deduplicated_split(table: Dataset, key: str, test_size: int | None, train_size: int | None, seed: int,
-                       test_only: bool = False) -> Splits:
-    """Shuffle by seed, keep one row per distinct ``key`` value (so no text is in both splits), then take the
-    test rows first and the training rows after them. ``test_size=None``: ``default_test_size``. ``test_only``
-    leaves the training split empty (for evaluation)."""
+def deduplicated_split(table: Dataset, key: str | tuple[str, ...], test_size: int | None, train_size: int | None,
+                       seed: int, test_only: bool = False) -> Splits:
+    """Shuffle by seed, keep one row per distinct ``key`` value (so no example is in both splits), then take the
+    test rows first and the training rows after them. ``key``: a column, or columns that together make an example
+    (text and text pair; instruction and input), the later ones with a missing value read as "". Rows whose first
+    column is empty are dropped. ``test_size=None``: ``default_test_size``. ``test_only`` leaves the training split
+    empty (for evaluation)."""
+    columns = (key,) if isinstance(key, str) else tuple(key)
+    first = table[columns[0]]
+    # one column keeps its values as the key: the rows kept are exactly those of the one-column form
+    values = first if len(columns) == 1 else zip(first, *([v if v is not None else "" for v in table[column]]
+                                                           for column in columns[1:]))
     seen: set = set()
     keep = []
-    for index, value in enumerate(table[key]):
-        if value not in seen and value not in (None, ""):
+    for index, (head, value) in enumerate(zip(first, values)):
+        if value not in seen and head not in (None, ""):
             seen.add(value)
             keep.append(index)
     table = table.select(keep).shuffle(seed=seed)

@@ -23,7 +23,15 @@ PROMPT_WITH_INPUT = (
     "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
     "### Response:\n"
 )
-OPTION_LABEL = re.compile(r"\b(?:answer|option|solution)?\s*([A-E]|[1-5]|true|false)\b", re.IGNORECASE)
+# Option answers. commonsense_170k's answers are tokens such as answer2 / solution1 / option2 / ending4, true/false;
+# LLM-Adapters reads the first token of the data set's kind from a generation, case-sensitively.
+OPTION_TOKEN = re.compile(r"(answer|solution|option|ending)\d+")
+TRUE_FALSE = re.compile(r"\b(true|false)\b", re.IGNORECASE)
+# Letters A-E only as capitals (IGNORECASE read the article "a" as option A): after "answer is" / "answer:" or in
+# parentheses first, else the first capital letter standing alone.
+MARKED_LETTER = re.compile(r"(?i:\banswer\s*(?:is\s*:?|:))\s*\(?([A-E])\b|\(([A-E])\)")
+BARE_LETTER = re.compile(r"\b([A-E])\b")
+OPTION_NUMBER = re.compile(r"\b(?:answer|option|solution)?\s*([1-5])\b", re.IGNORECASE)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -97,16 +105,53 @@ def encode_instruction(record, tokenizer, max_length):
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def extract_answer(text: str, kind: str) -> str | None:
-    """The answer a generation gives: the last number (``kind="number"``) or the first option label."""
+def extract_answer(text: str, kind: str, expected: str | None = None) -> str | None:
+    """The answer a generation gives: the last number (``kind="number"``; ``expected`` is not used) or the first
+    option label, lower-case. ``expected``, the record's answer, says which kind of option label to read: its
+    answerN / solutionN / optionN / endingN token, true/false, a letter A-E or a number 1-5 (without it: the first
+    of these kinds that the generation holds)."""
     if kind == "number":
         numbers = NUMBER.findall(text)
         if not numbers:
             return None
         value = float(numbers[-1].replace(",", ""))
         return str(int(value)) if value.is_integer() else str(value)
-    match = OPTION_LABEL.search(text)
+    expected = str(expected).strip().lower() if expected is not None else ""
+    token = OPTION_TOKEN.fullmatch(expected)
+    if token:  # the first token of the answer's kind, as LLM-Adapters' evaluation reads it
+        match = re.search(rf"\b{token.group(1)}\d+\b", text)
+        return match.group(0) if match else None
+    if expected in ("true", "false"):
+        return _true_false(text)
+    if expected in ("a", "b", "c", "d", "e"):
+        return _letter(text)
+    if expected.isdigit():
+        return _option_number(text)
+    for reader in (_option_token, _true_false, _letter, _option_number):
+        found = reader(text)
+        if found is not None:
+            return found
+    return None
+
+
+def _option_token(text: str) -> str | None:
+    match = re.search(rf"\b{OPTION_TOKEN.pattern}\b", text)
+    return match.group(0) if match else None
+
+
+def _true_false(text: str) -> str | None:
+    match = TRUE_FALSE.search(text)
     return match.group(1).lower() if match else None
+
+
+def _letter(text: str) -> str | None:
+    match = MARKED_LETTER.search(text) or BARE_LETTER.search(text)
+    return next(group for group in match.groups() if group).lower() if match else None
+
+
+def _option_number(text: str) -> str | None:
+    match = OPTION_NUMBER.search(text)
+    return match.group(1) if match else None
 
 
 def answers_match(predicted: str | None, expected: str, kind: str) -> bool:
@@ -139,7 +184,7 @@ def evaluate_generation(model, tokenizer, records, answer_kind: str, batch_size:
                                        pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for record, text in zip(chunk, texts):
-                predicted = extract_answer(text, answer_kind)
+                predicted = extract_answer(text, answer_kind, record["answer"])
                 hit = answers_match(predicted, record["answer"], answer_kind)
                 hits.append(int(hit))
                 if len(examples) < 5:
