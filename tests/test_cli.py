@@ -701,3 +701,21 @@ def test_a_classifier_loads_in_float32_whatever_its_checkpoint(tmp_path, tiny_be
     AutoModelForSequenceClassification.from_pretrained(tiny_bert).to(torch.bfloat16).save_pretrained(tmp_path)
     model = load_classifier(str(tmp_path), 2)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_with_eval_data_every_training_row_trains_except_those_in_the_eval_file(tmp_path, tiny_encoder,
+                                                                                 sentiment_csv):
+    """--eval_data replaces the held-out split: holding out rows of --data as well would waste them, and rows of
+    the eval file that are also in --data must not be trained on."""
+    rows = open(sentiment_csv).read().splitlines()[1:]
+    eval_file = tmp_path / "eval.csv"
+    eval_file.write_text("text,label\n" + "\n".join(rows[:5]) + "\n" + "".join(
+        f"a new good text {i},positive\n" for i in range(5)))
+    run = tmp_path / "run"
+    code, out, _ = run_cli(["train", "--model", tiny_encoder, "--data", sentiment_csv, "--eval_data",
+                            str(eval_file), "--max_length", "16", "--k", "2", "--evaluate_before", "false"]
+                           + common_flags(run))
+    assert code == 0
+    metrics = read_json(run / "metrics.json")
+    assert metrics["train_examples"] == len(rows) - 5 and metrics["test_examples"] == 10
+    assert "5 training rows also in" in out

@@ -648,15 +648,25 @@ class TaskRun:
                 rows, dropped = len(table), 0
                 if self.classification:
                     table, dropped = drop_unlabelled(table, task.label_column, task.data)
-                splits = deduplicated_split(table, key, task.test_size, task.train_size, seed, test_only=test_only)
+                # with --eval_data nothing of --data is held out: the eval file is the test split
+                test_size = 0 if task.eval_data else task.test_size
+                splits = deduplicated_split(table, key, test_size, task.train_size, seed, test_only=test_only)
+                counts = ([] if task.eval_data else [f"{len(splits.test)} test rows"]) + (
+                    [] if test_only else [f"{len(splits.train)} training rows"])
                 self.split_text = (f"{task.data}: {rows} rows, "
                                    + (f"{dropped} without a label dropped, " if dropped else "")
-                                   + f"{splits.distinct} distinct {kind}; "
-                                   f"{len(splits.test)} test rows"
-                                   + ("" if test_only else f", {len(splits.train)} training rows"))
+                                   + f"{splits.distinct} distinct {kind}; " + ", ".join(counts))
             if task.eval_data:
                 splits.test = load_table(task.eval_data)
-                self.split_text += f"; test data replaced by {task.eval_data} ({len(splits.test)} rows)"
+                self.split_text += f"; test data: {task.eval_data} ({len(splits.test)} rows)"
+                column = task.text_column if self.classification else "instruction"
+                if not test_only and column in splits.test.column_names:  # never train on an eval row
+                    held_out = set(splits.test[column])
+                    before = len(splits.train)
+                    splits.train = splits.train.filter(lambda row: row[column] not in held_out)
+                    if len(splits.train) < before:
+                        self.split_text += (f"; {before - len(splits.train)} training rows also in "
+                                            f"{task.eval_data} left out")
         self._check_columns(splits, test_only)
         self._fingerprint_test_split(splits.test)
         return splits
@@ -980,8 +990,10 @@ def _model_labels(task: TaskArguments) -> list[str] | None:
         id2label = AutoConfig.from_pretrained(resolve_model(task.model)).id2label or {}
     except (OSError, ValueError):
         return None
-    names = [str(id2label[i]) for i in sorted(id2label, key=int)]
-    if not names or all(re.fullmatch(r"LABEL_\d+", name) for name in names):
+    ids = sorted(id2label, key=int)
+    names = [str(id2label[i]) for i in ids]
+    # transformers' placeholders (LABEL_0, ...) and ids as names ("0", "1": what the data's own order gives too)
+    if not names or all(re.fullmatch(r"LABEL_\d+", name) or name == str(i) for i, name in zip(ids, names)):
         return None
     return names
 
