@@ -13,6 +13,7 @@ import sys
 import warnings
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainingArguments
 
 from neuroada_recipes import cli
@@ -253,6 +254,8 @@ def test_default_learning_rate_is_the_librarys_rule():
     (["--test_size", "0"], "--test_size must be at least 1"),
     (["--learning_rate", "-1"], "--learning_rate must be positive"),
     (["--learnin_rate", "3"], "unknown argument '--learnin_rate' (did you mean --learning_rate?)"),
+    pytest.param(["--bf16", "true"], "(--use_cpu true)", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="bf16 needs --use_cpu only without a GPU")),
 ])
 def test_bad_settings_stop_before_loading_and_write_nothing(tmp_path, tiny_bert, sentiment_csv, capsys,
                                                             monkeypatch, flags, message):

@@ -890,7 +890,10 @@ def _parse(parser, argv: list[str], command: str) -> tuple:
     """The parser's dataclasses; an unknown flag is a one-line error that names the nearest known flag."""
     import difflib
 
-    *values, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    try:
+        *values, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as error:  # a dataclass's own check, e.g. TrainingArguments' "--bf16 needs a GPU or --use_cpu"
+        raise UsageError(f"{error}" + (" (--use_cpu true)" if "use_cpu" in str(error) else "")) from None
     flags = [a for a in unknown if a.startswith("-")]
     if unknown:
         known = [option for action in parser._actions for option in action.option_strings]
