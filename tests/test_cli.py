@@ -571,6 +571,12 @@ def test_hub_dataset_with_glue_columns_and_validation_split(tiny_bert, monkeypat
     info = run.info()
     assert info["task"]["text_column"] == "sentence1" and info["task"]["text_pair_column"] == "sentence2"
     assert info["labels"] == ["0", "1"]
+    task.test_size = 5  # a sample of the held-out split, the same rows for the same seed
+    run = cli.TaskRun(task)
+    first = run.prepare_test(seed=3)
+    again = cli.TaskRun(task).prepare_test(seed=3)
+    assert len(first) == 5 and first["input_ids"] == again["input_ids"]
+    assert "5 test rows" in run.split_text
 
 
 # ------------------------------------------------------------------ silent failures found by an audit (tests first)

@@ -633,6 +633,9 @@ class TaskRun:
                 if task.train_size:
                     splits.train = splits.train.shuffle(seed=seed).select(range(min(task.train_size,
                                                                                    len(splits.train))))
+                if task.test_size:  # a sample of the held-out split
+                    splits.test = splits.test.shuffle(seed=seed).select(range(min(task.test_size,
+                                                                                 len(splits.test))))
                 self.split_text = f"{task.data}: {len(splits.test)} test rows ({held_out[0]} split)" + (
                     "" if test_only else f", {len(splits.train)} training rows (train split)")
             else:
