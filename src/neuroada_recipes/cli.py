@@ -26,7 +26,7 @@ from typing import Literal, Optional, get_type_hints
 from .data import GLUE_TASKS, DataError, Splits
 from .models import ModelError
 from .recipes import (DEFAULT_MODELS, DEFAULT_RECIPE, PEFT_TASK_TYPES, RECIPES, RUN_DEFAULTS,
-                      default_training_arguments)
+                      default_training_arguments, suggested_learning_rate)
 
 RUN_INFO = "neuroada_run.json"  # beside the adapter: what eval/merge need to rebuild the task
 # neuroada.selection.SELECTION_CRITERIA (a test keeps them equal); the last two are chosen from training batches
@@ -146,6 +146,11 @@ def training_defaults(task: str, k: int, recipe: str | None) -> dict:
     values = RUN_DEFAULTS | default_training_arguments(task, k)
     if recipe:
         values |= {key: value for key, value in RECIPES[recipe].items() if key not in _TASK_FIELDS}
+        recipe_k = RECIPES[recipe].get("k", 1)
+        if "learning_rate" in RECIPES[recipe] and k != recipe_k:  # the recipe's rate is for its own k
+            task_type = PEFT_TASK_TYPES[task]
+            values["learning_rate"] = RECIPES[recipe]["learning_rate"] * (
+                suggested_learning_rate(k, task_type) / suggested_learning_rate(recipe_k, task_type))
     return values | {"output_dir": os.path.join("runs", recipe or "neuroada")}
 
 
