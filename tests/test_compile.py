@@ -37,3 +37,21 @@ def test_inductor_matches_eager():
     compiled = torch.compile(layer, fullgraph=True)
     for got, want in zip(outputs_and_grads(compiled, layer, x), expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_layer_follows_indices_assigned_or_set():
+    """A compiled graph keeps the index layouts it was traced with; a new indices tensor (assigned, set_selection,
+    loaded) must make it trace again rather than keep the old connections."""
+    layer = make_layer("auto").eval()
+    x = torch.randn(2, 5, 24)
+    compiled = torch.compile(layer, backend="aot_eager")
+    with torch.no_grad():
+        before = compiled(x)
+        indices = layer.neuroada_indices["default"]
+        shifted = torch.sort((indices.long() + 1) % 24, dim=1).values.to(indices.dtype)
+        layer.neuroada_indices["default"] = shifted
+        assigned = compiled(x)
+        torch.testing.assert_close(assigned, layer(x))
+        assert not torch.allclose(assigned, before)
+        layer.set_selection("default", indices)
+        torch.testing.assert_close(compiled(x), before)

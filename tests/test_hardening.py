@@ -508,3 +508,28 @@ def test_merge_into_an_output_layer_tied_to_the_embeddings_is_refused(tokens):
     untied = get_peft_model(tiny_gpt2_model(), NeuroAdaConfig(k=2, init_weights=False)).eval()  # lm_head not adapted
     expected = _logits(untied, tokens)
     torch.testing.assert_close(_logits(untied.merge_and_unload(), tokens), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapter_without_indices_loaded_in_another_precision_saves_again_loadably(tmp_path):
+    """Loaded on a bf16/fp16 copy of its base, the adapter's rows that the copy selects differently come from the
+    file; saved again, it must store those rows with the loaded indices, not the copy's own selection."""
+    from peft import PeftModel
+
+    low = torch.bfloat16  # (fp16 keeps this tiny model's selection)
+
+    from conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2, save_indices=False, init_weights=False))
+    model.save_pretrained(tmp_path / "first")
+    expected = {name: layer.neuroada_indices["default"].long() for name, layer in
+                model.base_model.model.named_modules() if isinstance(layer, NeuroAdaLayer)}
+    copy_selects = get_peft_model(tiny_llama().to(low), NeuroAdaConfig(k=2))
+    assert any(not torch.equal(layer.neuroada_indices["default"].long(), expected[name]) for name, layer in
+               copy_selects.base_model.model.named_modules() if isinstance(layer, NeuroAdaLayer))  # (the case)
+    loaded = PeftModel.from_pretrained(tiny_llama().to(low), tmp_path / "first", is_trainable=True)
+    loaded.save_pretrained(tmp_path / "again")
+    for base in (tiny_llama(), tiny_llama().to(low)):
+        again = PeftModel.from_pretrained(base, tmp_path / "again")
+        for name, layer in again.base_model.model.named_modules():
+            if isinstance(layer, NeuroAdaLayer):
+                assert torch.equal(layer.neuroada_indices["default"].long(), expected[name]), name

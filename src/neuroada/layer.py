@@ -346,7 +346,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         training step cannot save for its backward) and are now needed outside it."""
         indices = self.neuroada_indices[adapter_name]
         cached = self._patterns.get(adapter_name)
-        if cached is not None and torch.compiler.is_compiling():
+        if cached is not None and cached[1] is indices and torch.compiler.is_compiling():
             return cached[0]  # (a compiled graph is traced once; the version counter is not traceable)
         if (cached is None or cached[1] is not indices or cached[2] != _version_of(indices)
                 or cached[0].columns.device != indices.device

@@ -419,6 +419,7 @@ def _validated_for_load(model, config, adapter_name, state_dict):
     state_dict = dict(state_dict)
     layers = _named_layers(model, adapter_name)
     other_base, fingerprint_mismatches = [], []
+    pinned_after_load = {}
     for name, layer in layers.items():
         delta_key = f"{prefix}{name}.neuroada_delta.{adapter_name}"
         indices_key = f"{prefix}{name}.neuroada_indices.{adapter_name}"
@@ -455,6 +456,7 @@ def _validated_for_load(model, config, adapter_name, state_dict):
             if recorded is not None and recorded != selection_fingerprint(indices):
                 fingerprint_mismatches.append(name)
             state_dict[indices_key] = indices
+            pinned_after_load[name] = _pinned_union(layer.pinned_rows.get(adapter_name), pinned[0], indices)
             continue
         indices = state_dict[indices_key]
         if tuple(indices.shape) != expected_shape or indices.dtype.is_floating_point:
@@ -503,6 +505,10 @@ def _validated_for_load(model, config, adapter_name, state_dict):
             f"the adapter file holds NeuroAda weights for modules this model does not adapt (e.g. {unknown[0]!r}); "
             "it was saved from a different model. Load it on the base model it was trained on."
         )
+    # A later save without indices stores the rows either base could select differently, with the loaded indices
+    # (what this base selects itself there is not the adapter's selection); written only once the load is accepted.
+    for name, rows_and_indices in pinned_after_load.items():
+        layers[name].pinned_rows[adapter_name] = rows_and_indices
     if other_base:
         warnings.warn(
             f"adapter {adapter_name!r}: on {len(other_base)} layer(s) (e.g. {other_base[0]!r}) the stored indices are "
@@ -532,6 +538,13 @@ def _same_base_values(layer: NeuroAdaLayer, indices: torch.Tensor, stored: torch
     live = rows.gather(1, indices.to(device=rows.device, dtype=torch.long)).float()
     stored = stored.to(device=live.device, dtype=torch.float32)
     return bool(torch.isclose(live, stored, rtol=_BASE_VALUES_RTOL, atol=_BASE_VALUES_ATOL).all())
+
+
+def _pinned_union(live: Optional[tuple], file_rows: Optional[torch.Tensor], indices: torch.Tensor) -> tuple:
+    """The rows pinned by this base (``live``, from injection) or by the file, with their loaded ``indices``."""
+    rows = [part.long().cpu() for part in (live[0] if live is not None else None, file_rows) if part is not None]
+    union = torch.unique(torch.cat(rows)) if rows else torch.zeros(0, dtype=torch.long)
+    return union, indices.cpu()[union]
 
 
 def _with_pinned_rows(indices: torch.Tensor, rows, pinned_indices, layer_name: str) -> torch.Tensor:
