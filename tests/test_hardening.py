@@ -533,3 +533,18 @@ def test_an_adapter_without_indices_loaded_in_another_precision_saves_again_load
         for name, layer in again.base_model.model.named_modules():
             if isinstance(layer, NeuroAdaLayer):
                 assert torch.equal(layer.neuroada_indices["default"].long(), expected[name]), name
+
+
+def test_torch_attention_and_transformer_layers_are_refused_not_silently_skipped():
+    """nn.MultiheadAttention never calls out_proj, and nn.TransformerEncoderLayer in eval mode reads every weight in
+    a native fast path: an adapter there would train to nothing or vanish at evaluation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True),
+                          nn.Linear(16, 4))
+    before = {name: type(module) for name, module in model.named_modules()}
+    for targets in ("all-linear", ["out_proj"], ["linear1"]):
+        with pytest.raises(TypeError, match="reads its weights directly.*exclude_modules"):
+            get_peft_model(model, NeuroAdaConfig(k=2, target_modules=targets))
+        assert {name: type(module) for name, module in model.named_modules()} == before  # nothing half-wrapped
+    adapted = get_peft_model(model, NeuroAdaConfig(k=2, target_modules=["1"]))  # the plain Linear is fine
+    assert isinstance(adapted.base_model.model[1], NeuroAdaLayer)

@@ -180,3 +180,52 @@ def test_index_layouts_follow_the_module_to_another_device(monkeypatch):
     assert layer.neuroada_indices["default"].device == device
     pattern = layer.pattern("default")
     assert all(t.device == device for t in pattern[:7])
+
+
+@pytest.mark.parametrize("hook", ["module", "module_pre", "global"])
+def test_fused_path_runs_the_base_layers_backward_hooks(hook):
+    """A backward hook on the base layer (gradient scaling, clipping, monitoring) changes the input gradient; the
+    fused path never calls the base module, so it must not be taken while one exists."""
+    layer = make_layer("linear", bypass_backend="fused")
+    base = layer.get_base_layer()
+    halve = lambda module, grad_output_or_input, *rest: tuple(g * 0.5 if g is not None else None  # noqa: E731
+                                                                  for g in grad_output_or_input)
+    if hook == "module":
+        handle = base.register_full_backward_hook(lambda module, grad_input, grad_output: halve(module, grad_input))
+    elif hook == "module_pre":
+        handle = base.register_full_backward_pre_hook(halve)
+    else:
+        handle = torch.nn.modules.module.register_module_full_backward_hook(
+            lambda module, grad_input, grad_output: halve(module, grad_input) if module is base else None)
+    try:
+        x = torch.randn(100, 24, requires_grad=True)
+        bypass = sparse_bypass_reference(x, layer.neuroada_delta["default"].detach(), layer.neuroada_indices["default"])
+        (base(x) + bypass).square().sum().backward()
+        expected, x.grad = x.grad, None
+        layer(x).square().sum().backward()
+        torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+
+
+def test_fused_path_refuses_the_input_dtypes_the_base_layer_refuses():
+    layer = make_layer("linear", bypass_backend="fused")
+    for dtype in (torch.bfloat16, torch.float64):
+        x = torch.randn(600, 24, dtype=dtype)
+        with pytest.raises(RuntimeError, match="dtype"):
+            layer.get_base_layer()(x)
+        with pytest.raises(RuntimeError, match="dtype"):
+            layer(x)
+
+
+@pytest.mark.parametrize("backend", ["gather", "fused"])
+def test_second_order_gradients_raise_in_every_layout(backend):
+    """After a first step the layer may keep only the input columns its deltas read, saved detached: a gradient
+    penalty through the delta gradient would then silently lose its input terms, so it must raise."""
+    layer = make_layer("linear", in_features=64, out_features=6, k=1, bypass_backend=backend)
+    layer(torch.randn(3, 64, requires_grad=True)).sum().backward()  # the layer learns it is alone on its input
+    x = torch.randn(5, 64, requires_grad=True)
+    delta = layer.neuroada_delta["default"]
+    with pytest.raises(RuntimeError, match="second-order|no autograd formula"):
+        gradient, = torch.autograd.grad(layer(x).sum(), delta, create_graph=True)
+        torch.autograd.grad(gradient.pow(2).sum(), x, allow_unused=True)

@@ -278,7 +278,17 @@ def _bypass_setup_context(ctx, inputs, output):
     ctx.backend, ctx.in_features, ctx.kept_layout = backend, x2d.shape[1], keep
 
 
+def _refuse_double_backward() -> None:
+    """The backward ops have no autograd formula, and a layer that keeps only some input columns saves them detached:
+    a second-order gradient (``create_graph=True``, the only case where a backward runs with grad mode on) would lose
+    terms, with or without an error depending on that layout. So it is refused here, always."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("NeuroAda's bypass has no second-order gradients (create_graph=True, e.g. a gradient "
+                           "penalty); compute such a term on a model with the adapter merged, or without it")
+
+
 def _bypass_backward(ctx, grad):
+    _refuse_double_backward()
     saved_x, delta, *pattern = ctx.saved_tensors
     need_x, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x, grad_delta = torch.ops.neuroada.bypass_backward(grad, saved_x, delta, *pattern, ctx.backend,
@@ -340,6 +350,7 @@ def _linear_bypass_setup_context(ctx, inputs, output):
 
 
 def _linear_bypass_backward(ctx, grad):
+    _refuse_double_backward()
     saved_x, weight_rows, delta, columns, sampled_columns, row_offsets = ctx.saved_tensors
     need_x, need_bias, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
     grad_x, grad_delta = torch.ops.neuroada.linear_bypass_backward(grad, saved_x, weight_rows, delta, columns,

@@ -704,16 +704,19 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether the fused path computes exactly what calling the base layer would: its forward is nn.Linear's
-        or Conv1D's own (not a subclass's), nothing hooks it (its own or global hooks), and its weight is a plain
-        frozen float32 tensor outside autocast (which would run the base matmul in low precision)."""
+        or Conv1D's own (not a subclass's), nothing hooks it (its own or global forward and backward hooks), and its
+        weight and input are plain float32 tensors (the weight frozen) outside autocast (which would run the base matmul in low precision)."""
         base = self.get_base_layer()
         hooks = nn.modules.module
         return (
             self._base_is_plain_frozen_linear()
             and type(base).__call__ is nn.Module.__call__
             and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (base._backward_hooks or base._backward_pre_hooks)
             and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+            and not (hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
             and base.weight.dtype == torch.float32
+            and x.dtype == torch.float32  # (the base layer refuses other input dtypes; so must this path)
             and not sharding.is_zero3_partitioned(base.weight)
             and not torch.is_autocast_enabled(x.device.type)
         )

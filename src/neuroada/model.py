@@ -37,6 +37,10 @@ class AdapterLoadError(ValueError):
     """An adapter does not fit the model it is being loaded on; the model was left as it was."""
 
 
+# torch modules that use their Linear children's weights without calling them (see _create_and_replace)
+_READ_WEIGHTS_DIRECTLY = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 class NeuroAdaModel(BaseTuner):
     """Injects :class:`NeuroAdaLinear` layers into a model. Normally created through ``peft.get_peft_model``.
 
@@ -84,6 +88,13 @@ class NeuroAdaModel(BaseTuner):
                     f"module {current_key!r} is a {type(target).__name__}; NeuroAda adapts nn.Linear and "
                     "transformers Conv1D layers only. Narrow target_modules or add it to exclude_modules."
                 )
+            if isinstance(parent, _READ_WEIGHTS_DIRECTLY):
+                # nn.MultiheadAttention reads out_proj.weight without calling it, and torch's Transformer layers in
+                # eval mode take a native fast path that reads every weight: the adapter would silently do nothing
+                raise TypeError(
+                    f"module {current_key!r} belongs to a torch {type(parent).__name__}, which reads its weights "
+                    "directly instead of calling the layer, so a NeuroAda adapter there would never be applied. "
+                    "Add it to exclude_modules (or narrow target_modules).")
             layer = NeuroAdaLinear(target, adapter_name, config, current_key)
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)  # an added adapter is not trainable until it is set active
