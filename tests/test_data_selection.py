@@ -419,6 +419,7 @@ def test_command_line_calibrates_on_training_batches(criterion, tmp_path, tiny_b
                            + (["--calibration_memory_mb", "1"] if criterion == "gradient" else []))
     assert code == 0, out
     assert f"selection: {criterion} on 3 training batches (24 examples" in out
+    assert "the default learning rate" in out and "Give --learning_rate" in out  # none was given
     saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert saved["selection"] == criterion and saved["calibration"]["batches"] == 3
     assert saved["calibration"]["samples"] == 24

@@ -159,8 +159,7 @@ def parse_train_arguments(argv: list[str]):
     values, else the recipe's, else NeuroAda's training defaults (``default_training_arguments``)."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        argv = _as_flags(_read_config(argv[0]))  # a config file stands in for flags, with the same rules
+    argv = _flags_of(argv)
     recipe = _flag_value(argv, "--recipe")
     if recipe is None and not any(_given(argv, flag) for flag in ("--model", "--data")):
         recipe = DEFAULT_RECIPE
@@ -256,6 +255,10 @@ def train_command(argv: list[str]) -> int:
     before = run.evaluate(model, test_set, "before") if task.evaluate_before else None
     model = get_peft_model(model, config)
     if config.selection in DATA_SELECTIONS:
+        if main_process and not _given(_flags_of(argv), "--learning_rate"):
+            print(f"warning: the default learning rate ({training.learning_rate:g}) is the rule for magnitude "
+                  f"selection; {config.selection} selection has wanted 3-10x lower rates so far (docs/results.md). "
+                  "Give --learning_rate.")
         calibrate(model, train_set, run.collator, adapter_args, training, main_process)
     trainable, total = model.get_nb_trainable_parameters()
 
@@ -909,6 +912,14 @@ def _parse(parser, argv: list[str], command: str) -> tuple:
         raise UsageError(f"unknown argument {(flags or unknown)[0]!r}" + (f" (did you mean {near[0]}?)" if near else "")
                          + f"; `neuroada {command} --help` lists the flags")
     return tuple(values)
+
+
+def _flags_of(argv: list[str]) -> list[str]:
+    """``argv``, or the flags of the config file that stands in for them (``neuroada train config.yaml``), with the
+    same rules."""
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        return _as_flags(_read_config(argv[0]))
+    return argv
 
 
 def _explicit_flags(argv: list[str]) -> set[str]:
