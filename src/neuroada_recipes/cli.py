@@ -650,10 +650,10 @@ class TaskRun:
                 # an example is its text and pair, or its instruction and input: rows sharing a premise or an
                 # instruction are different examples
                 if self.classification:
-                    key = (task.text_column,) + ((task.text_pair_column,) if task.text_pair_column else ())
+                    key = (self._text_column,) + ((task.text_pair_column,) if task.text_pair_column else ())
                     kind = "text pairs" if task.text_pair_column else "texts"
                 else:
-                    key = ("instruction",) + (("input",) if "input" in table.column_names else ())
+                    key = (self._text_column,) + (("input",) if "input" in table.column_names else ())
                     kind = "instructions with their inputs" if len(key) == 2 else "instructions"
                 require_columns(table, list(key) + ([task.label_column] if self.classification else []), task.data)
                 rows, dropped = len(table), 0
@@ -670,7 +670,7 @@ class TaskRun:
             if task.eval_data:
                 splits.test = load_table(task.eval_data)
                 self.split_text += f"; test data: {task.eval_data} ({len(splits.test)} rows)"
-                column = task.text_column if self.classification else "instruction"
+                column = self._text_column
                 if not test_only and column in splits.test.column_names:  # never train on an eval row
                     held_out = set(splits.test[column])
                     before = len(splits.train)
@@ -805,12 +805,18 @@ class TaskRun:
     def info(self) -> dict:
         return {"task": asdict(self.task), "labels": self.labels, "test_split": self.test_split}
 
+    @property
+    def _text_column(self) -> str:
+        """The column that holds an example's text: what deduplication, the eval-file overlap and the test-split
+        fingerprint read."""
+        return self.task.text_column if self.classification else "instruction"
+
     def _fingerprint_test_split(self, test) -> None:
         """Which rows the test split holds (a hash of their texts, in order), so that eval can tell whether it
         scores the same held-out rows as the training run."""
         import hashlib
 
-        column = self.task.text_column if self.classification else "instruction"
+        column = self._text_column
         texts = test[column] if column in test.column_names else []
         digest = hashlib.sha256(json.dumps([str(text) for text in texts]).encode()).hexdigest()[:16]
         self.test_split = {"rows": len(test), "fingerprint": digest}
