@@ -186,7 +186,7 @@ def run_one(spec: dict) -> dict:
         scored = run.evaluate(model, test, "test", per_example=True)
         return {"scores": {"validation": run.evaluate(model, validation, "validation")[run.metric_name],
                            "test": scored[run.metric_name]}, "test_hits": scored["hits"], "validation_curve": {},
-                "metric_name": run.metric_name, "trainable": 0, "total": sum(p.numel() for p in model.parameters()),
+                "metric_name": run.metric_name, **_extraction_record(run), "trainable": 0, "total": sum(p.numel() for p in model.parameters()),
                 "train_seconds": 0.0, "wall_seconds": time.time() - started_run, "coverage": None,
                 "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "final_loss": None}
     def calibration_batches():  # the first batches of the training split, as the Trainer would shuffle them
@@ -227,11 +227,17 @@ def run_one(spec: dict) -> dict:
     scored = run.evaluate(model, test, "test", per_example=True)
     scores = {"validation": curve[spec["steps"]], "test": scored[run.metric_name]}
     return {"scores": scores, "test_hits": scored["hits"], "validation_curve": curve, "metric_name": run.metric_name,
+            **_extraction_record(run),
             "trainable": trainable, "total": total, "train_seconds": seconds, "adapt_seconds": selection_seconds,
             "train_rows": len(train), "code": _code_version(),
             "wall_seconds": time.time() - started_run,
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "coverage": coverage,
             "final_loss": trainer.state.log_history[-1].get("train_loss")}
+
+
+def _extraction_record(run) -> dict:
+    """``answer_extraction``: the version of the answer extraction that scored a generation task's run."""
+    return {} if run.classification else {"answer_extraction": _current_answer_extraction()}
 
 
 def _task_arguments(spec: dict):
@@ -260,6 +266,21 @@ def _code_version() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+changes" if changed else "")
+
+
+def _answer_extraction(result: dict) -> int | None:
+    """The version of ``extract_answer`` that scored a run (None for runs not scored from generations). Runs from
+    before the version was recorded were scored by version 1."""
+    if result.get("metric_name") != "exact_match":
+        return None
+    return result.get("answer_extraction", 1)
+
+
+def _current_answer_extraction() -> int:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    from neuroada_recipes.tasks import ANSWER_EXTRACTION_VERSION
+
+    return ANSWER_EXTRACTION_VERSION
 
 
 def _raw_validation(run, spec):
@@ -304,6 +325,10 @@ class Runs:
                     record = json.loads(line)
                     self.done[self._key(record["spec"])] = record["result"]
                     self.specs.append(record["spec"])
+        self.extraction = {_answer_extraction(result) for result in self.done.values()} - {None}
+        if len(self.extraction) > 1:
+            raise RuntimeError(f"{path} mixes runs scored by answer extraction versions {sorted(self.extraction)}: "
+                               "their scores are not comparable; split the log by the results' answer_extraction")
 
     def _key(self, spec: dict) -> str:
         return json.dumps([spec[k] for k in self.SIZE_KEYS])
@@ -313,6 +338,15 @@ class Runs:
         if key not in self.done:
             if not self.launch_missing:
                 raise MissingRun(spec)
+            current = _current_answer_extraction()
+            if self.extraction - {current}:
+                codes = sorted({r.get("code") or "?" for r in self.done.values() if _answer_extraction(r)})
+                raise RuntimeError(
+                    f"{self.path} holds runs scored by answer extraction version {min(self.extraction)} and this "
+                    f"checkout scores with version {current} (neuroada_recipes.tasks.ANSWER_EXTRACTION_VERSION): a "
+                    f"table would mix the two. Finish that comparison from a checkout of its code ({', '.join(codes)};"
+                    " `git worktree add <dir> <commit>`, then --out pointing here), or start a new one with another "
+                    "--out.")
             command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:

@@ -189,3 +189,39 @@ def test_twins_are_the_same_problem_in_other_words(benchmark):
     compare_methods.add_paired_differences(rows, twin_free=[True, False, True, True])
     assert rows["neuroada-k1"]["vs_reference"]["difference"] == pytest.approx(0.25)
     assert rows["neuroada-k1"]["vs_reference_twin_free"]["difference"] == 0.0  # the one gain was on a twin
+
+
+def _write_runs(path, versions):
+    """A run log with one generation-scored run per version (None: a run from before the version was recorded)."""
+    with open(path, "w") as handle:
+        for seed, version in enumerate(versions):
+            spec = {"recipe": "smollm2-legs", "steps": 70, "batch": 8, "train": 20, "validation": 2, "test": 4,
+                    "method": "lora-r8", "lr": 3e-4, "seed": seed}
+            result = {"scores": {"validation": 0.5, "test": 0.25}, "metric_name": "exact_match"}
+            if version is not None:
+                result["answer_extraction"] = version
+            handle.write(json.dumps({"spec": spec, "result": result}) + "\n")
+    return spec
+
+
+def test_a_run_log_scored_with_another_answer_extraction_takes_no_new_runs(benchmark, tmp_path, monkeypatch):
+    """Runs scored by different answer extractions are not comparable: a log made before a change to extract_answer
+    is read (reports still work) but no run scored the new way is added to it, and a log that mixes them is
+    refused."""
+    compare_methods = benchmark("compare_methods")
+    from neuroada_recipes.tasks import ANSWER_EXTRACTION_VERSION
+
+    launched = []
+    monkeypatch.setattr(compare_methods.subprocess, "run", lambda *a, **k: launched.append(a) or 1 / 0)
+    path = tmp_path / "old.runs.jsonl"
+    spec = _write_runs(path, [None, None])  # version 1 runs, which did not record it
+    runs = compare_methods.Runs(str(path))
+    assert runs.get(dict(spec, seed=0))["scores"]["test"] == 0.25  # finished runs are still read
+    with pytest.raises(RuntimeError, match="answer extraction"):
+        runs.get(dict(spec, seed=5))
+    assert not launched
+    _write_runs(path, [ANSWER_EXTRACTION_VERSION, None])
+    with pytest.raises(RuntimeError, match="answer extraction"):
+        compare_methods.Runs(str(path))
+    _write_runs(path, [ANSWER_EXTRACTION_VERSION])
+    compare_methods.Runs(str(path))  # a log of the current version is fine

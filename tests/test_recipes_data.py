@@ -115,15 +115,19 @@ def test_answers_match_numbers_by_value():
 
 
 # Pins number extraction and matching on generations like those of the smollm2-arithmetic / smollm2-legs recipes: the
-# benchmarks compare runs scored with this behaviour, so any change here has to be deliberate.
+# benchmarks compare runs scored with this behaviour, so any change here has to be deliberate and bump
+# ANSWER_EXTRACTION_VERSION (compare_methods then refuses to add runs to a log scored with another version).
 NUMBER_GENERATIONS = [
     ("42", "42"), (" -15", "-15"), ("The answer is 20.", "20"), ("1,234", "1234"), ("3 + 4 = 7", "7"),
-    ("2.50", "2.5"), ("5.0", "5"), ("007", "7"), ("-0.0", "0"), ("1,2,3", "123"), ("10-3=7", "7"), ("$18", "18"),
-    ("12\n\n### Instruction:\nCalculate 5 + 6", "6"), ("There are 2 dogs and 3 birds: 14 legs", "14"),
-    ("", None), ("none", None),
+    ("2.50", "2.5"), ("5.0", "5"), ("007", "7"), ("-0.0", "0"), ("10-3=7", "7"), ("$18", "18"),
+    ("There are 2 dogs and 3 birds: 14 legs", "14"), ("", None), ("none", None),
+    # version 2: a list is not one number; a hyphen between numbers is no sign; a leading point is a fraction;
+    # the model starting a new prompt section ends its answer
+    ("1,2,3", "3"), ("1, 2, 3", "3"), ("12,345,678", "12345678"), ("3-5 apples", "5"), ("x = -5", "-5"),
+    ("(-4)", "-4"), (".5", "0.5"), ("-.25", "-0.25"), ("It is 0.5.", "0.5"),
+    ("12\n\n### Instruction:\nCalculate 5 + 6", "12"), ("12 ### Response: 7", "12"),
+    ("### Step 1: 4 + 4 = 8", "8"),  # a heading of the answer's own is kept
 ]
-
-
 @pytest.mark.parametrize("text, expected", NUMBER_GENERATIONS)
 def test_number_extraction_is_pinned(text, expected):
     assert extract_answer(text, "number") == expected

@@ -32,7 +32,15 @@ TRUE_FALSE = re.compile(r"\b(true|false)\b", re.IGNORECASE)
 MARKED_LETTER = re.compile(r"(?i:\banswer\s*(?:is\s*:?|:))\s*\(?([A-E])\b|\(([A-E])\)")
 BARE_LETTER = re.compile(r"\b([A-E])\b")
 OPTION_NUMBER = re.compile(r"\b(?:answer|option|solution)?\s*([1-5])\b", re.IGNORECASE)
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A number: digits with thousands separators only in groups of three ("1,234"; "1,2,3" is a list), a fraction
+# with or without its leading zero (".5"), and a minus sign only where no digit, letter or ")" precedes it ("3-5" is
+# a range, not -5).
+NUMBER = re.compile(r"(?:(?<![\w).])-)?(?<![\d.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)?(?:\.\d+)?(?<=\d)")
+# The prompt's own section headers: a model that writes one has started a new example, and its answer has ended.
+NEW_SECTION = re.compile(r"###\s*(?:Instruction|Input|Response)\s*:")
+# Which extraction scored a generation. Bump it with every change to what extract_answer reads or answers_match
+# accepts: benchmarks/compare_methods.py refuses to mix runs scored by different versions in one table.
+ANSWER_EXTRACTION_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------------- classification
@@ -106,10 +114,12 @@ def encode_instruction(record, tokenizer, max_length):
 
 
 def extract_answer(text: str, kind: str, expected: str | None = None) -> str | None:
-    """The answer a generation gives: the last number (``kind="number"``; ``expected`` is not used) or the first
+    """The answer a generation gives, read up to the first prompt section header it writes ("### Instruction:",
+    "### Input:", "### Response:"): the last number (``kind="number"``; ``expected`` is not used) or the first
     option label, lower-case. ``expected``, the record's answer, says which kind of option label to read: its
     answerN / solutionN / optionN / endingN token, true/false, a letter A-E or a number 1-5 (without it: the first
     of these kinds that the generation holds)."""
+    text = NEW_SECTION.split(text, maxsplit=1)[0]
     if kind == "number":
         numbers = NUMBER.findall(text)
         if not numbers:
