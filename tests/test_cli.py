@@ -736,3 +736,31 @@ def test_with_eval_data_every_training_row_trains_except_those_in_the_eval_file(
     metrics = read_json(run / "metrics.json")
     assert metrics["train_examples"] == len(rows) - 5 and metrics["test_examples"] == 10
     assert "5 training rows also in" in out
+
+
+def test_a_model_id_that_cannot_be_loaded_is_a_one_line_error(tmp_path, sentiment_csv, capsys, monkeypatch):
+    """A hub id that is mistyped or unreachable (offline here) failed with a traceback from the tokenizer's load; an
+    id with an organisation ("HuggingFaceTB/SmolLM2-135M", most of the hub) was refused as a missing folder."""
+    import transformers
+
+    def unknown(name, *args, **kwargs):  # what the hub answers (without reaching it: no network in tests)
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier listed on the hub")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unknown)
+    for model in ("nosuchmodel-xyz", "nosuch-org/nosuch-model-xyz"):
+        code = main(["train", "--model", model, "--data", sentiment_csv, "--test_size", "10",
+                     "--output_dir", str(tmp_path / "run")])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert model in err and "Traceback" not in err and "does not exist" not in err, err
+        assert "cannot load" in err
+        assert not (tmp_path / "run").exists()
+
+
+def test_hub_ids_pass_through_and_paths_are_checked(tmp_path):
+    from neuroada_recipes.models import ModelError, resolve_model
+
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert resolve_model("roberta-base") == "roberta-base"
+    for path in ("./missing", str(tmp_path / "missing"), "runs/a/b", "~/models/x"):
+        with pytest.raises(ModelError, match="does not exist"):
+            resolve_model(path)

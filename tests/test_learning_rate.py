@@ -98,3 +98,48 @@ def test_trainer_with_a_lora_rate_warns(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=data)
     with pytest.warns(NeuroAdaLearningRateWarning, match="150x below"):
         trainer.train()
+
+
+# Found by an audit: schedules whose first-step rate is not their peak, an optimizer without a rate, and the lower
+# rates that data-aware selections train at.
+
+
+def test_one_cycle_is_judged_by_its_peak():
+    """OneCycleLR starts at max_lr / 25 and records its peak as the group's max_lr."""
+    model = _model(k=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-2, total_steps=10)
+    assert _caught(model, optimizer, scheduler=scheduler) == []
+
+
+def test_an_optimizer_without_a_learning_rate_is_not_judged():
+    """transformers' Adafactor with relative steps has lr=None (it crashed the check with a TypeError)."""
+    from transformers.optimization import Adafactor
+
+    model = _model(k=1)
+    optimizer = Adafactor([p for p in model.parameters() if p.requires_grad], lr=None, relative_step=True,
+                          scale_parameter=True, warmup_init=True)
+    assert _caught(model, optimizer) == []
+
+
+def _calibrated(selection, k=1):
+    from neuroada import calibrate_selection
+
+    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=k, target_modules=["q_proj", "down_proj"],
+                                                        selection=selection))
+    tokens = torch.randint(0, 96, (2, 6))
+    calibrate_selection(model, [{"input_ids": tokens, "labels": tokens}])
+    return model
+
+
+@pytest.mark.parametrize("selection", ["activation", "gradient"])
+def test_data_aware_selections_are_judged_by_the_rates_they_train_at(selection):
+    """Their best rates measured 1-10x below the rule (docs/results.md: SmolLM2 arithmetic, activation, k=1: 3e-3):
+    the README's advice must not warn, a LoRA rate still does."""
+    model = _calibrated(selection)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    assert _caught(model, optimizer) == []
+    model = _calibrated(selection)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    caught = _caught(model, optimizer)
+    assert len(caught) == 1 and "data-aware" in str(caught[0].message)

@@ -73,3 +73,21 @@ def test_get_peft_model_on_a_model_with_4bit_layers():
     x = torch.randn(3, 64)
     peft_model(x).sum().backward()
     assert all(layer.neuroada_delta["default"].grad is not None for layer in layers)
+
+
+def test_an_8bit_layer_that_keeps_float_weights_is_adapted_as_a_plain_weight():
+    """bitsandbytes' Linear8bitLt defaults to has_fp16_weights=True: its Int8Params then hold the float weight, not
+    int8 codes with a scale (get_peft_model crashed reading a scale that does not exist)."""
+    torch.manual_seed(0)
+    source = nn.Linear(64, 32)
+    base = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=True)
+    base.load_state_dict(source.state_dict())
+    base = base.to("cpu")
+    weight = base.weight.data.float().clone()
+    layer = NeuroAdaLinear(base, "default", NeuroAdaConfig(k=3, init_weights=False))
+    assert torch.equal(layer.neuroada_indices["default"].long(), select_per_neuron(weight, 3).long())
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = base(x) + sparse_bypass_reference(x, layer.neuroada_delta["default"],
+                                                     layer.neuroada_indices["default"])
+        torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)

@@ -55,6 +55,13 @@ def deferred_selections_kept():
         _placeholders_visible[0] -= 1
 
 
+def _held(indices: torch.Tensor) -> torch.Tensor:
+    """Indices as a layer holds them: int16 ones (layers 257-32768 wide, as files store them) widened to int32, since
+    neither gloo nor NCCL can broadcast int16, and DDP, FSDP and DeepSpeed broadcast buffers. uint8, int32 and int64
+    pass as they are."""
+    return indices.to(torch.int32) if indices.dtype == torch.int16 else indices
+
+
 class _Selections(BufferDict):
     """``neuroada_indices``: a BufferDict whose entries can be *deferred*: registered as a placeholder of the right
     shape and dtype, with the selection computed by its first reader, unless indices are written first (assigned, or
@@ -79,7 +86,7 @@ class _Selections(BufferDict):
         if key in self._deferred:
             selection = self._deferred[key]()
             del self._deferred[key]
-            super().__setitem__(key, selection.to(self._buffers[key].device))
+            super().__setitem__(key, _held(selection.to(self._buffers[key].device)))
         return self._buffers[key]
 
     def _settle_all(self) -> None:
@@ -95,7 +102,7 @@ class _Selections(BufferDict):
     def __setitem__(self, key: str, buffer: torch.Tensor) -> None:
         self._deferred.pop(key, None)
         self.uncalibrated.discard(key)
-        super().__setitem__(key, buffer)
+        super().__setitem__(key, _held(buffer))
 
     def __delitem__(self, key: str) -> None:
         self._deferred.pop(key, None)
@@ -124,6 +131,9 @@ class _Selections(BufferDict):
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        for key, buffer in self._buffers.items():  # a load with assign=True puts the file's tensors here
+            if buffer is not None and buffer.dtype == torch.int16:
+                self._buffers[key] = _held(buffer)
         if len(error_msgs) == errors:  # (otherwise load_state_dict raises)
             for key in [key for key in self._deferred if prefix + key in state_dict]:
                 del self._deferred[key]  # the loaded indices are the selection
@@ -135,8 +145,9 @@ class NeuroAdaLayer(BaseTunerLayer):
 
     - ``neuroada_delta[name]``: ``[out_features, k]`` float32 parameter, whatever the base dtype, so that small
       updates to large weights are not rounded away;
-    - ``neuroada_indices[name]``: ``[out_features, k]`` buffer of selected input positions, in the smallest integer
-      dtype that holds ``in_features``, rows sorted.
+    - ``neuroada_indices[name]``: ``[out_features, k]`` buffer of selected input positions, rows sorted: uint8 up to
+      256 inputs, else int32 (the collectives of data-parallel training have no int16; files store int16 up to
+      32768, see ``index_dtype_for``).
 
     The base weight is addressed as ``[out_features, in_features]`` rows whatever its storage: ``nn.Linear`` stores
     that layout, transformers' ``Conv1D`` (GPT-2) stores the transpose.
@@ -150,6 +161,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.neuroada_delta = nn.ParameterDict({})
         self.neuroada_indices = _Selections()
         self.bypass_backend: dict[str, str] = {}
+        self._data_aware: dict[str, bool] = {}  # adapter -> selection chosen from data (the learning-rate check)
         # Original weight entries at the selected positions, kept while an adapter is merged so that unmerge
         # restores the base weight bit for bit (subtracting delta again would not, in bf16). Buffers, so that
         # .to() / .half() move and cast them with the weight; not persistent, so never saved.
@@ -256,10 +268,8 @@ class NeuroAdaLayer(BaseTunerLayer):
         else:
             delta = torch.randn(self.out_features, k, dtype=torch.float32, device=device) * 0.02
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
-        learning_rate.track_delta(self.neuroada_delta[adapter_name], k)
-        layer = weakref.ref(self)
-        self.neuroada_delta[adapter_name].register_post_accumulate_grad_hook(
-            lambda _: layer() is not None and layer().end_input_learning())
+        self._data_aware[adapter_name] = config.selection in DATA_CRITERIA
+        self._track_delta(adapter_name)
         sharding.register_with_zero3(self, self.neuroada_delta[adapter_name], self.get_base_layer().weight)
         if indices is None:
             placeholder = torch.zeros(self.out_features, k, dtype=index_dtype_for(self.in_features), device=device)
@@ -271,6 +281,32 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._patterns.pop(adapter_name, None)
         self.bypass_backend[adapter_name] = config.bypass_backend
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _track_delta(self, adapter_name: str) -> None:
+        """Attach to the delta Parameter what finds it there: its k for the learning-rate check, and the hook that
+        ends the input-sharing decision. Again whenever the Parameter object was replaced (a load with
+        ``assign=True``, as ``low_cpu_mem_usage`` does, or ``copy.deepcopy``), which forward checks."""
+        delta = self.neuroada_delta[adapter_name]
+        learning_rate.track_delta(delta, delta.shape[1], self._data_aware.get(adapter_name, False))
+        if delta.requires_grad:  # (a frozen delta, loaded for inference, gets no gradient to hook)
+            layer = weakref.ref(self)
+            delta.register_post_accumulate_grad_hook(lambda _: layer() is not None and layer().end_input_learning())
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """PEFT's (called after a ``low_cpu_mem_usage`` load) casts every adapter tensor to the base layer's dtype
+        and wraps it in a new, trainable Parameter. Deltas stay float32 whatever the base dtype (see the class
+        docstring) and keep their trainability, so they are moved in place; indices keep their integer dtype."""
+        base_weight = self.get_base_layer().weight
+        target = device if device is not None else base_weight.device
+        if target.type == "meta":
+            return
+        delta = self.neuroada_delta[adapter_name] if adapter_name in self.neuroada_delta else None
+        if delta is not None and not delta.is_meta:
+            delta.data = delta.data.to(target, torch.float32)
+        if adapter_name in self.neuroada_indices._buffers:
+            indices = self.neuroada_indices._buffers[adapter_name]
+            if not indices.is_meta:
+                self.neuroada_indices._buffers[adapter_name] = indices.to(target)
 
     def set_selection(self, adapter_name: str, indices: torch.Tensor) -> None:
         """Replace ``adapter_name``'s selection by ``indices`` (``[out_features, k]``, rows sorted), e.g. one chosen
@@ -284,6 +320,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._selection_keys.pop(adapter_name, None)
         self.pinned_rows.pop(adapter_name, None)
         self._base_values.pop(adapter_name, None)
+        self._data_aware.pop(adapter_name, None)
 
     @property
     def uncalibrated(self) -> set[str]:
@@ -359,6 +396,45 @@ class NeuroAdaLayer(BaseTunerLayer):
     def _forget_patterns(module, incompatible_keys) -> None:
         module._patterns.clear()
         module._selection_keys.clear()
+        if module.__dict__.pop("_weight_loaded", False) and module.merged_adapters:
+            module._follow_loaded_merge()
+
+    def _note_weight_in_load(self, state_dict, prefix, *args) -> None:
+        """(load pre-hook) Whether this load writes the base weight: a merged layer's records must then follow it."""
+        self._weight_loaded = prefix + "base_layer.weight" in state_dict
+
+    def _follow_loaded_merge(self) -> None:
+        """A state dict that wrote the base weight of a merged layer (a merged model's full state dict, say): the
+        weight holds the loaded merge, and unmerge must restore the loaded base, not the originals recorded by the
+        merge before the load, at columns the loaded indices may no longer select. Kept if the load changed nothing
+        (bit-exact unmerge, as before); else each merged adapter's original becomes the weight minus its delta,
+        last merged first, as LoRA's unmerge subtracts. A load of the adapter only (PEFT's load_adapter) leaves the
+        weight and so the records alone: unmerge then restores the old merge's base exactly."""
+        if self.quantization or sharding.is_zero3_partitioned(self.get_base_layer().weight):
+            return
+        weight = self.get_base_layer().weight.data
+        rows = weight.T if self.is_conv1d else weight
+        names = list(self.merged_adapters)
+        remerged = rows.clone()
+        for name in reversed(names):
+            remerged.scatter_(1, self._merged_columns[name].to(rows.device), self._merged_originals[name].to(rows))
+        unchanged = True
+        for name in names:
+            indices = self.neuroada_indices[name].long().to(rows.device)
+            if not torch.equal(indices, self._merged_columns[name].to(rows.device)):
+                unchanged = False
+                break
+            remerged.scatter_(1, indices, _merged_value(remerged.gather(1, indices), self.neuroada_delta[name]))
+        if unchanged and torch.equal(remerged, rows):
+            return
+        current = rows.clone()
+        for name in reversed(names):
+            indices = self.neuroada_indices[name].long().to(rows.device)
+            delta = self.neuroada_delta[name].detach().to(rows.device)
+            original = (current.gather(1, indices).float() - delta.float()).to(rows.dtype)
+            current.scatter_(1, indices, original)
+            self._merged_originals._buffers[name] = original
+            self._merged_columns[name] = indices
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter as a dense matrix shaped like the base weight (float32)."""
@@ -386,11 +462,7 @@ class NeuroAdaLayer(BaseTunerLayer):
             for name, delta in zip(adapter_names, deltas):
                 indices = self.neuroada_indices[name].long()
                 original = rows.gather(1, indices)
-                delta = delta.detach()
-                if original.dtype == delta.dtype == torch.float32:  # (the casts below cost more than the add)
-                    merged = original + delta
-                else:
-                    merged = (original.float() + delta.float()).to(rows.dtype)
+                merged = _merged_value(original, delta)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"merging adapter {name!r} would put NaN/inf into the weight; the adapter is "
                                      "broken")
@@ -482,6 +554,14 @@ def _shared_rows(adapter_names: tuple[str, ...], names: tuple[str, ...], device:
         return (None if whole else torch.tensor(rows, dtype=torch.long, device=device)), slots
 
 
+def _merged_value(original: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W[i, idx] + delta, summed in float32 and cast once to the weight's dtype."""
+    delta = delta.detach()
+    if original.dtype == delta.dtype == torch.float32:  # (the casts cost more than the add)
+        return original + delta
+    return (original.float() + delta.float()).to(original.dtype)
+
+
 def _in_backward() -> bool:
     """Whether autograd is running a backward on this thread (where checkpointing recomputes forwards)."""
     graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
@@ -514,6 +594,7 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         super().__init__()
         NeuroAdaLayer.__init__(self, base_layer)
         self.register_load_state_dict_post_hook(NeuroAdaLayer._forget_patterns)
+        self._register_load_state_dict_pre_hook(self._note_weight_in_load)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
@@ -570,6 +651,8 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         """The base layer plus the bypasses of ``adapter_names`` (those this layer holds) on the whole batch."""
         active = [name for name in adapter_names if name in self.neuroada_delta]
         for name in active:
+            if not learning_rate.is_tracked(self.neuroada_delta[name]):
+                self._track_delta(name)
             if self.neuroada_delta[name].is_meta:
                 raise RuntimeError(
                     f"NeuroAda adapter {name!r}: the deltas are on the meta device (offloaded by hooks that did not "

@@ -29,6 +29,10 @@ CLASSIFICATION_TASK_TYPES = frozenset({"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})
 LOW_RATE_FACTOR = 10.0
 
 _K_ATTRIBUTE = "_neuroada_k"  # set on each delta Parameter: the optimizer hook finds NeuroAda deltas by it
+_DATA_AWARE_ATTRIBUTE = "_neuroada_data_aware"  # and whether its selection was chosen from data
+# Data-aware selections put connections on inputs with large activations, and train best at rates up to 10x below
+# the rule (docs/results.md): their check allows that much more.
+DATA_AWARE_RATE_FACTOR = 10.0
 _checked_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 _hook_handle = None
 
@@ -56,13 +60,19 @@ def suggested_learning_rate(k: int, task_type: Optional[str] = None) -> float:
     return RATE_AT_K1 / k
 
 
-def track_delta(parameter: torch.nn.Parameter, k: int) -> None:
-    """Mark ``parameter`` as a NeuroAda delta with ``k`` connections per neuron, and make sure optimizers are
-    checked (once each, at their first step) for rates far below ``suggested_learning_rate(k)``."""
+def track_delta(parameter: torch.nn.Parameter, k: int, data_aware: bool = False) -> None:
+    """Mark ``parameter`` as a NeuroAda delta with ``k`` connections per neuron (chosen from data, with
+    ``data_aware``), and make sure optimizers are checked (once each, at their first step) for rates far below
+    ``suggested_learning_rate(k)``."""
     global _hook_handle
     setattr(parameter, _K_ATTRIBUTE, k)
+    setattr(parameter, _DATA_AWARE_ATTRIBUTE, data_aware)
     if _hook_handle is None:
         _hook_handle = register_optimizer_step_pre_hook(_check_learning_rate)
+
+
+def is_tracked(parameter: torch.nn.Parameter) -> bool:
+    return hasattr(parameter, _K_ATTRIBUTE)
 
 
 def _check_learning_rate(optimizer, args, kwargs) -> None:
@@ -70,20 +80,34 @@ def _check_learning_rate(optimizer, args, kwargs) -> None:
         return
     _checked_optimizers.add(optimizer)
     for group in optimizer.param_groups:
-        ks = [getattr(p, _K_ATTRIBUTE) for p in group["params"] if hasattr(p, _K_ATTRIBUTE)]
-        if not ks:
+        deltas = [p for p in group["params"] if hasattr(p, _K_ATTRIBUTE)]
+        rate = _peak_rate(group)
+        if not deltas or rate is None:
             continue
-        # a scheduler's warmup starts near 0; its "initial_lr" is the peak the user chose
-        rate = float(group.get("initial_lr", group["lr"]))
-        k = max(ks)
+        k = max(getattr(p, _K_ATTRIBUTE) for p in deltas)
+        data_aware = any(getattr(p, _DATA_AWARE_ATTRIBUTE, False) for p in deltas)
         suggested = suggested_learning_rate(k)  # the lower of the two forms: warn only where both agree
-        if rate * LOW_RATE_FACTOR <= suggested:
+        floor = suggested / DATA_AWARE_RATE_FACTOR if data_aware else suggested
+        if rate * LOW_RATE_FACTOR < floor:
+            advice = (f"Sweep learning_rate between {floor:.2g} and {suggested:.2g}: data-aware selections (activation, "
+                      "gradient) trained best up to 10x below the rule, and the rule's rate can be too high for them"
+                      if data_aware else f"Use learning_rate={suggested:.2g} (the neuroada command line's default)")
             warnings.warn(
                 f"NeuroAda deltas (k={k}) are trained at learning rate {rate:g}, {suggested / max(rate, 1e-30):.0f}x "
                 f"below the rate they train well at ({suggested:.2g} = neuroada.suggested_learning_rate({k})). "
                 "Sparse deltas need much larger rates than LoRA: at LoRA's usual 1e-4..3e-4 they barely move and the "
-                f"model stays close to the base. Use learning_rate={suggested:.2g} (the neuroada command line's "
-                "default), or silence this with warnings.filterwarnings('ignore', "
+                f"model stays close to the base. {advice}, or silence this with warnings.filterwarnings('ignore', "
                 "category=neuroada.NeuroAdaLearningRateWarning) if the low rate is intended.",
                 NeuroAdaLearningRateWarning, stacklevel=3)
             return
+
+
+def _peak_rate(group: dict) -> Optional[float]:
+    """The highest rate a parameter group is scheduled to reach, as far as the group tells: a warmup starts near 0
+    and keeps the rate the user chose as ``initial_lr``; OneCycleLR keeps its peak as ``max_lr``. None where the
+    optimizer has no rate (transformers' Adafactor with relative steps)."""
+    rates = [group.get(key) for key in ("initial_lr", "max_lr", "lr")]
+    rates = [float(rate) for rate in rates if rate is not None]
+    if not rates or group.get("relative_step"):
+        return None
+    return max(rates)

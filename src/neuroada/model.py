@@ -112,7 +112,7 @@ class NeuroAdaModel(BaseTuner):
             return False
         frame = sys._getframe(1)
         while frame is not None:
-            if id(frame) == injection[1] and frame.f_code is injection[2]:
+            if id(frame) == injection[1] and id(frame.f_code) == injection[2]:
                 return True
             frame = frame.f_back
         return False
@@ -302,6 +302,10 @@ class NeuroAdaModel(BaseTuner):
             if not torch.isfinite(value).all():
                 raise ValueError(f"adapter {adapter_name!r}: layer {layer_name!r} holds NaN/inf deltas; nothing was saved")
         if config.save_indices:
+            for key, value in selected.items():  # the smallest dtype on disk (layers hold int16 ones as int32)
+                layer = layers.get(key.split(".neuroada_indices.")[0].removeprefix(_PEFT_MODEL_PREFIX))
+                if ".neuroada_indices." in key and layer is not None:
+                    selected[key] = value.to(index_dtype_for(layer.in_features))
             # what a load checks its base by in O(out * k): the base weights at the selected positions
             for name, layer in layers.items():
                 values = layer.selected_base_values(adapter_name)
@@ -394,14 +398,15 @@ class _LayerWalk:
 
 
 def _outermost_library_call() -> tuple:
-    """``(id, code)`` of the outermost frame on the stack that runs PEFT or neuroada code (the user's call into
-    them: get_peft_model, PeftModel.from_pretrained, load_adapter), or ``(None, None)``."""
+    """``(id of the frame, id of its code)`` of the outermost frame on the stack that runs PEFT or neuroada code (the
+    user's call into them: get_peft_model, PeftModel.from_pretrained, load_adapter), or ``(None, None)``. Ids, not
+    the objects: the tuner keeps them, and a model must stay picklable (``torch.save(model)``)."""
     frame, outermost = sys._getframe(1), None
     while frame is not None:
         if frame.f_globals.get("__name__", "").partition(".")[0] in ("peft", "neuroada"):
             outermost = frame
         frame = frame.f_back
-    return (None, None) if outermost is None else (id(outermost), outermost.f_code)
+    return (None, None) if outermost is None else (id(outermost), id(outermost.f_code))
 
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):

@@ -12,9 +12,12 @@ from torch import nn
 
 
 def kind(module: nn.Module) -> str | None:
-    """``"4bit"``, ``"8bit"`` or None, from the weight's class, without importing bitsandbytes."""
-    name = type(getattr(module, "weight", None)).__name__
-    return {"Params4bit": "4bit", "Int8Params": "8bit"}.get(name)
+    """``"4bit"``, ``"8bit"`` or None, from the weight's class, without importing bitsandbytes. An 8-bit layer with
+    ``has_fp16_weights`` (bitsandbytes' default) holds its float weight as it is, not int8 codes: None."""
+    weight = getattr(module, "weight", None)
+    if getattr(weight, "has_fp16_weights", False):
+        return None
+    return {"Params4bit": "4bit", "Int8Params": "8bit"}.get(type(weight).__name__)
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:

