@@ -443,7 +443,8 @@ class NeuroAdaLayer(BaseTunerLayer):
         return dense.T if self.is_conv1d else dense
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W[i, idx[i, j]] += delta[i, j] in one scatter per adapter, summed in float32, cast once to W's dtype."""
+        """W[i, idx[i, j]] += delta[i, j] in one scatter per adapter, summed in float32 and cast to W's dtype (once
+        per adapter: an entry that two merged adapters select is rounded after each)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         twice = sorted({name for name in adapter_names if adapter_names.count(name) > 1})
         if twice:  # the second merge would save the first one's merged value as the original: unmerge couldn't undo it

