@@ -402,13 +402,48 @@ def part_peft_roundtrip(plan: Plan, deadline: Deadline) -> dict:
               "merge": (merged - trained).abs().max().item() / scale}
     checks["reload_matches"] = errors["reload"] <= 1e-3  # same ops, same inputs: equal up to kernel order
     checks["merge_matches"] = errors["merge"] <= 5e-2  # merged weights are rounded to bf16 once
+    data_parallel = _data_parallel_step(plan)
+    checks["data_parallel_step"] = data_parallel == "ok"
     table = markdown_table(["check", "result"], [[k, str(v)] for k, v in checks.items()] + [
+        ["data parallel (DDP, 1 process)", data_parallel],
         ["auto backend", backend], ["loss first -> last", f"{losses[0]:.3f} -> {losses[-1]:.3f}"],
         ["relative error after reload", f"{errors['reload']:.1e}"],
         ["relative error after merge", f"{errors['merge']:.1e}"]])
     return {"status": "ok" if all(checks.values()) else "failed",
             "result": {"checks": checks, "errors": errors, "losses": losses, "auto_backend": backend},
             "table": table}
+
+
+def _data_parallel_step(plan: Plan) -> str:
+    """"ok", or what failed: DDP around a NeuroAda model with layers wider than 256 (whose indices files store as
+    int16) and one training step, in a process group of one (NCCL on a GPU). DDP broadcasts every buffer when it
+    wraps a model, and neither NCCL nor gloo can send int16."""
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if dist.is_initialized():
+        return "not run (a process group exists already)"
+    backend = "nccl" if plan.device.type == "cuda" else "gloo"
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group(backend, init_method=f"file://{os.path.join(folder, 'store')}", rank=0, world_size=1)
+        try:
+            torch.manual_seed(0)
+            config = LlamaConfig(vocab_size=96, hidden_size=320, intermediate_size=640, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+            model = get_peft_model(LlamaForCausalLM(config).to(plan.device), neuroada.NeuroAdaConfig(k=1))
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[plan.device.index or 0] if plan.device.type == "cuda" else None)
+            tokens = torch.randint(0, 96, (2, 16), device=plan.device)
+            wrapped(input_ids=tokens, labels=tokens).loss.backward()
+            deltas = [p for n, p in model.named_parameters() if "neuroada_delta" in n]
+            if not deltas or any(p.grad is None for p in deltas):
+                return "failed: deltas got no gradient"
+            return "ok"
+        except Exception as error:
+            return f"failed: {type(error).__name__}: {str(error)[:200]}"
+        finally:
+            dist.destroy_process_group()
 
 
 def part_kernel_timing(plan: Plan, deadline: Deadline) -> dict:

@@ -49,7 +49,7 @@ def test_measurements_are_real_figures(report):
     parts = report[0]["parts"]
     assert parts["environment"]["result"]["triton_self_check"]["bf16"]["usable"] is True
     roundtrip = parts["peft_roundtrip"]["result"]
-    assert all(roundtrip["checks"].values())
+    assert all(roundtrip["checks"].values()) and "data_parallel_step" in roundtrip["checks"]
     assert roundtrip["auto_backend"] in ("fused", "triton", "gather", "dense")  # a backend, not an error
     kernels = parts["kernel_timing"]["result"]["kernels"]
     assert {entry["kernel"] for entry in kernels} == {"forward", "input_grad", "delta_grad"}
