@@ -54,10 +54,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, intermediate_size: int = 48) -> LlamaForCausalLM:
+    """``intermediate_size`` above 256 makes down_proj's indices int16 in files and int32 in memory (not uint8),
+    which multi-process tests need: collectives broadcast them."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=96, hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
@@ -120,7 +122,8 @@ def tiny_bert(tmp_path_factory, tokenizer_dir):
 def tiny_llama_dir(tmp_path_factory, tokenizer_dir):
     _, tokenizer = tokenizer_dir
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # down_proj 300 wide: int16 indices in files, int32 in memory, which DDP broadcasts (uint8 everywhere else)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=300, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     folder = tmp_path_factory.mktemp("tiny-llama")

@@ -39,7 +39,7 @@ def test_zero3_training_matches_single_process(tmp_path):
     from conftest import tiny_llama
     from neuroada import NeuroAdaConfig
 
-    tiny_llama().save_pretrained(tmp_path / "base")
+    tiny_llama(intermediate_size=300).save_pretrained(tmp_path / "base")  # int32 indices too
     # 8 equal-length sequences: one global batch of 8 per step, whichever rank sees which half
     tokens = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(0)).tolist()
     torch.save({"input_ids": tokens, "labels": tokens}, tmp_path / "data.pt")

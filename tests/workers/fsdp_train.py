@@ -26,7 +26,7 @@ out = sys.argv[1]
 batches = [torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(s)) for s in range(3)]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+model = get_peft_model(tiny_llama(intermediate_size=300), NeuroAdaConfig(k=2))
 for block in model.base_model.model.model.layers:
     fully_shard(block)
 fully_shard(model)
@@ -35,7 +35,7 @@ train(model, batches, rank)
 full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
 if rank == 0:
     model.save_pretrained(f"{out}/fsdp", state_dict=full)
-    reference = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+    reference = get_peft_model(tiny_llama(intermediate_size=300), NeuroAdaConfig(k=2))
     train(reference, batches)
     reference.save_pretrained(f"{out}/single")
 dist.destroy_process_group()
