@@ -143,3 +143,12 @@ def test_data_aware_selections_are_judged_by_the_rates_they_train_at(selection):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     caught = _caught(model, optimizer)
     assert len(caught) == 1 and "data-aware" in str(caught[0].message)
+
+
+def test_a_deep_copy_of_a_calibrated_adapter_is_still_judged_as_data_aware():
+    import copy
+
+    model = copy.deepcopy(_calibrated("activation"))  # the copy's deltas are new Parameters, tracked again
+    # 2e-3: allowed for a data-aware selection (down to 3e-4 at k=1), warned about for magnitude (below 3e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    assert _caught(model, optimizer) == []

@@ -256,7 +256,7 @@ class NeuroAdaLayer(BaseTunerLayer):
             device = self.get_base_layer().weight.device
         else:
             rows = self.full_weight_rows()
-            indices = select(rows)
+            indices = _held(select(rows))  # the tensor the layer will hold, which _base_values is tied to
             device = rows.device
             if not config.save_indices:  # computed now, while every process holds the whole weight
                 self.pinned_rows[adapter_name] = self._pinned(rows, indices, config.selection)
@@ -320,7 +320,6 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._selection_keys.pop(adapter_name, None)
         self.pinned_rows.pop(adapter_name, None)
         self._base_values.pop(adapter_name, None)
-        self._data_aware.pop(adapter_name, None)
 
     @property
     def uncalibrated(self) -> set[str]:
@@ -519,6 +518,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self._selection_keys.pop(adapter_name, None)
         self.pinned_rows.pop(adapter_name, None)
         self._base_values.pop(adapter_name, None)
+        self._data_aware.pop(adapter_name, None)
 
 
 @functools.lru_cache(maxsize=16)
