@@ -16,7 +16,7 @@ from neuroada import NeuroAdaConfig, calibrate_selection  # noqa: E402
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 for criterion in ("activation", "gradient"):
-    model = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2, selection=criterion))
+    model = get_peft_model(tiny_llama(intermediate_size=300), NeuroAdaConfig(k=2, selection=criterion))
     calibrate_selection(model, make_batches(seed=10 + rank))  # other data on each process
     torch.save(selections(model), f"{sys.argv[1]}/{criterion}-{rank}.pt")
 dist.destroy_process_group()
