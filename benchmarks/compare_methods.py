@@ -186,7 +186,8 @@ def run_one(spec: dict) -> dict:
         scored = run.evaluate(model, test, "test", per_example=True)
         return {"scores": {"validation": run.evaluate(model, validation, "validation")[run.metric_name],
                            "test": scored[run.metric_name]}, "test_hits": scored["hits"], "validation_curve": {},
-                "metric_name": run.metric_name, **_extraction_record(run), "trainable": 0, "total": sum(p.numel() for p in model.parameters()),
+                "metric_name": run.metric_name, **_extraction_record(run), "trainable": 0,
+                "total": sum(p.numel() for p in model.parameters()),
                 "train_seconds": 0.0, "wall_seconds": time.time() - started_run, "coverage": None,
                 "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "final_loss": None}
     def calibration_batches():  # the first batches of the training split, as the Trainer would shuffle them
@@ -340,13 +341,14 @@ class Runs:
                 raise MissingRun(spec)
             current = _current_answer_extraction()
             if self.extraction - {current}:
-                codes = sorted({r.get("code") or "?" for r in self.done.values() if _answer_extraction(r)})
+                # the code of the newest run of the log (runs are appended in order)
+                newest = next((r.get("code") for r in reversed(list(self.done.values())) if r.get("code")), None)
                 raise RuntimeError(
                     f"{self.path} holds runs scored by answer extraction version {min(self.extraction)} and this "
                     f"checkout scores with version {current} (neuroada_recipes.tasks.ANSWER_EXTRACTION_VERSION): a "
-                    f"table would mix the two. Finish that comparison from a checkout of its code ({', '.join(codes)};"
-                    " `git worktree add <dir> <commit>`, then --out pointing here), or start a new one with another "
-                    "--out.")
+                    f"table would mix the two. Finish that comparison from a checkout of its code "
+                    f"({newest or 'see the runs'}; `git worktree add <dir> <commit>`, then --out pointing here), or "
+                    "start a new one with another --out.")
             command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
