@@ -409,14 +409,12 @@ class NeuroAdaLayer(BaseTunerLayer):
         (bit-exact unmerge, as before); else each merged adapter's original becomes the weight minus its delta,
         last merged first, as LoRA's unmerge subtracts. A load of the adapter only (PEFT's load_adapter) leaves the
         weight and so the records alone: unmerge then restores the old merge's base exactly."""
-        if self.quantization or sharding.is_zero3_partitioned(self.get_base_layer().weight):
-            return
-        weight = self.get_base_layer().weight.data
-        rows = weight.T if self.is_conv1d else weight
+        weight = self.get_base_layer().weight
+        if self.quantization or isinstance(weight, sharding.DTensor) or sharding.is_zero3_partitioned(weight):
+            return  # (sharded: only a gather, a collective, would show the whole weight)
+        rows = weight.data.T if self.is_conv1d else weight.data
         names = list(self.merged_adapters)
-        remerged = rows.clone()
-        for name in reversed(names):
-            remerged.scatter_(1, self._merged_columns[name].to(rows.device), self._merged_originals[name].to(rows))
+        remerged = self.full_weight_rows()  # a copy with the recorded originals restored
         unchanged = True
         for name in names:
             indices = self.neuroada_indices[name].long().to(rows.device)

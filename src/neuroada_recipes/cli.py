@@ -257,7 +257,7 @@ def train_command(argv: list[str]) -> int:
     if config.selection in DATA_SELECTIONS:
         if main_process and not _given(_flags_of(argv), "--learning_rate"):
             print(f"warning: the default learning rate ({training.learning_rate:g}) is the rule for magnitude "
-                  f"selection; {config.selection} selection has wanted 3-10x lower rates so far (docs/results.md). "
+                  f"selection; {config.selection} selection has wanted the same to 10x lower rates so far (docs/results.md). "
                   "Give --learning_rate.")
         calibrate(model, train_set, run.collator, adapter_args, training, main_process)
     trainable, total = model.get_nb_trainable_parameters()
