@@ -96,18 +96,46 @@ def test_gradients_with_respect_to_delta_only(backend):
     assert x.grad is None
 
 
-def test_float64_inputs():
+@pytest.mark.parametrize("backend", ["gather", "dense", "auto", "fused"])
+@pytest.mark.parametrize("keep_columns", [True, False])
+def test_float64_operands_are_computed_in_float64_and_pass_gradcheck(backend, keep_columns):
+    """A float64 input or delta makes the op accumulate in float64 (float32 is the floor, never the ceiling), so
+    finite differences check both gradients: gradcheck in every backend and both saved layouts."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 9, dtype=torch.float64, generator=generator)
+    pattern = build_pattern(select_per_neuron(weight, 3), 9)
+    x = torch.randn(2, 3, 9, dtype=torch.float64, generator=generator, requires_grad=True)
+    delta = torch.randn(5, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    if backend == "fused":
+        bias = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
+        op = lambda a, d, b: linear_with_bypass(a, weight, b, d, pattern, keep_columns)
+        inputs = (x, delta, bias)
+        reference = x.detach() @ weight.T + bias.detach() + sparse_bypass_reference(x.detach(), delta.detach(),
+                                                                                     pattern.columns)
+    else:
+        op = lambda a, d: sparse_bypass(a, d, pattern, backend, keep_columns)
+        inputs = (x, delta)
+        reference = sparse_bypass_reference(x.detach(), delta.detach(), pattern.columns)
+    out = op(*inputs)
+    assert out.dtype == torch.float64 and reference.dtype == torch.float64
+    torch.testing.assert_close(out.detach(), reference, atol=1e-13, rtol=1e-13)
+    assert torch.autograd.gradcheck(op, inputs)
+
+
+def test_a_float32_delta_on_float64_inputs_gives_float64_gradients_to_both():
     pattern = build_pattern(select_per_neuron(torch.randn(5, 7), 3), 7)
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     delta = torch.randn(5, 3, dtype=torch.float32, requires_grad=True)
-    # The op accumulates in float32; compare its Jacobian-vector products with the reference's.
     for backend in ("gather", "dense"):
         out = sparse_bypass(x, delta, pattern, backend)
         ref = sparse_bypass_reference(x, delta, pattern.columns)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, ref, atol=1e-13, rtol=1e-13)
         gx, gd = torch.autograd.grad(out.sum(), (x, delta))
         rx, rd = torch.autograd.grad(ref.sum(), (x, delta))
-        torch.testing.assert_close(gx.float(), rx.float(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(gd, rd, atol=1e-5, rtol=1e-5)
+        assert (gx.dtype, gd.dtype) == (torch.float64, torch.float32)
+        torch.testing.assert_close(gx, rx, atol=1e-13, rtol=1e-13)
+        torch.testing.assert_close(gd, rd)
 
 
 @pytest.mark.parametrize("backend", ["gather", "dense"])
@@ -139,6 +167,25 @@ def test_backend_choice():
     assert choose_backend("auto", torch.empty(2048, 2048), 20) == "gather"
     assert choose_backend("auto", torch.empty(2048, 64), 16) == "dense"
 
+
+
+def test_triton_steps_aside_for_float64(monkeypatch):
+    """The kernels accumulate in float32: a float64 input, or a float64 delta, goes to the PyTorch backends, explicitly
+    asked for or not, wherever the kernels could run."""
+    import neuroada.bypass as bypass
+
+    monkeypatch.setattr(bypass.triton_backend, "available", lambda device: True)
+    monkeypatch.setattr(bypass.kernel_check, "triton_usable", lambda device, dtype: True)
+    monkeypatch.setattr(bypass, "_TRITON_DEVICE_TYPES", ("cpu",))
+    assert choose_backend("auto", torch.empty(8, 64), 1) == "triton"  # the premise: the kernels would be chosen
+    assert choose_backend("triton", torch.empty(8, 64), 1) == "triton"
+    assert choose_backend("auto", torch.empty(8, 64, dtype=torch.float64), 1) == "gather"
+    assert choose_backend("triton", torch.empty(8, 64, dtype=torch.float64), 1) == "gather"
+    pattern = build_pattern(select_per_neuron(torch.randn(5, 64), 1), 64)
+    monkeypatch.setattr(bypass.triton_backend, "bypass_forward", lambda *args: pytest.fail("the kernels ran"))
+    x, delta = torch.randn(8, 64), torch.randn(5, 1, dtype=torch.float64)
+    out = sparse_bypass(x, delta, pattern, "triton")
+    torch.testing.assert_close(out, sparse_bypass_reference(x, delta, pattern.columns), atol=1e-13, rtol=1e-13)
 
 def test_transposed_pattern_lists_every_entry_once():
     indices = select_per_neuron(torch.randn(9, 5), 3, "random", seed=4)
@@ -215,7 +262,7 @@ def test_transposed_copy_matches_transpose(rows, cols, dtype, monkeypatch):
 
     monkeypatch.setattr(bypass, "_TRANSPOSE_SLAB_ROWS", 16)  # several slabs, the last one partial
     matrix = torch.randn(rows, cols).to(dtype)
-    got = bypass._transposed(matrix)
+    got = bypass._transposed(matrix, torch.float32)
     assert got.dtype == torch.float32 and got.is_contiguous()
     assert torch.equal(got, matrix.T.float())
     kept_dtype = bypass._transposed(matrix, dtype)  # what the Triton backward reads: no float32 copy

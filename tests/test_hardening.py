@@ -1,5 +1,6 @@
 """Defects found by an outside review (issue 10), one test each; every one of them failed on the code before the fix."""
 
+import copy
 import json
 import warnings
 
@@ -25,7 +26,7 @@ def randomize_deltas(model, scale=0.5, seed=0):
     generator = torch.Generator().manual_seed(seed)
     for layer in neuroada_layers(model):
         for delta in layer.neuroada_delta.values():
-            delta.data = torch.randn(delta.shape, generator=generator) * scale
+            delta.data = (torch.randn(delta.shape, generator=generator) * scale).to(delta.dtype)
 
 
 def module_tree(model):
@@ -186,6 +187,36 @@ def test_adapter_without_indices_on_another_base_is_still_refused(tmp_path):
     with pytest.raises(AdapterLoadError, match="selection recomputed"):
         PeftModel.from_pretrained(other, tmp_path)
 
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_adapters_move_between_float64_and_float32_bases(tmp_path, tokens, low_cpu_mem_usage):
+    """Deltas take the dtype of the base they are loaded onto (float64 on float64, else float32): a float64
+    adapter on a float32 base computes what its deltas rounded to float32 do, a float32 adapter on a float64 base
+    holds the same values, exactly, and runs in float64."""
+    trained = get_peft_model(tiny_llama().double(), NeuroAdaConfig(k=2))
+    randomize_deltas(trained)
+    assert all(layer.neuroada_delta["default"].dtype == torch.float64 for layer in neuroada_layers(trained))
+    trained.save_pretrained(tmp_path / "f64")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "f64", low_cpu_mem_usage=low_cpu_mem_usage)
+    by_hand = get_peft_model(tiny_llama(), NeuroAdaConfig(k=2))
+    for source, target, manual in zip(neuroada_layers(trained), neuroada_layers(loaded), neuroada_layers(by_hand)):
+        assert target.neuroada_delta["default"].dtype == torch.float32
+        assert not target.neuroada_delta["default"].requires_grad
+        assert torch.equal(target.neuroada_delta["default"], source.neuroada_delta["default"].float())
+        with torch.no_grad():
+            manual.neuroada_delta["default"].copy_(source.neuroada_delta["default"])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, by_hand(tokens).logits)
+
+    by_hand.save_pretrained(tmp_path / "f32")
+    widened = PeftModel.from_pretrained(tiny_llama().double(), tmp_path / "f32", low_cpu_mem_usage=low_cpu_mem_usage)
+    for source, target in zip(neuroada_layers(by_hand), neuroada_layers(widened)):
+        assert target.neuroada_delta["default"].dtype == torch.float64
+        assert torch.equal(target.neuroada_delta["default"], source.neuroada_delta["default"].double())
+    with torch.no_grad():
+        merged = copy.deepcopy(widened).merge_and_unload()
+        torch.testing.assert_close(widened(tokens).logits, merged(tokens).logits, atol=1e-12, rtol=1e-12)
 
 def test_float64_weights_are_ranked_in_float64():
     weight = torch.tensor([[1.0, 1.0 + 1e-12]], dtype=torch.float64)

@@ -229,3 +229,34 @@ def test_second_order_gradients_raise_in_every_layout(backend):
     with pytest.raises(RuntimeError, match="second-order|no autograd formula"):
         gradient, = torch.autograd.grad(layer(x).sum(), delta, create_graph=True)
         torch.autograd.grad(gradient.pow(2).sum(), x, allow_unused=True)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("backend", ["auto", "gather", "dense", "fused"])
+@pytest.mark.parametrize("tokens", [4, 600])
+def test_float64_layer_holds_float64_deltas_is_exact_and_passes_gradcheck(kind, backend, tokens):
+    """A float64 base gets float64 deltas and a float64 bypass: the adapted layer equals its merged weight to float64
+    rounding, and finite differences confirm the delta and input gradients."""
+    layer = make_layer(kind, dtype=torch.float64, bypass_backend=backend)
+    delta = layer.neuroada_delta["default"]
+    assert delta.dtype == torch.float64
+    x = torch.randn(tokens, 24, dtype=torch.float64)
+    merged = weight_as_rows(layer).clone()
+    merged.scatter_add_(1, layer.neuroada_indices["default"].long(), delta.detach())
+    expected = x @ merged.T + layer.get_base_layer().bias
+    torch.testing.assert_close(layer(x).detach(), expected, atol=1e-12, rtol=1e-12)
+    layer.merge()
+    torch.testing.assert_close(weight_as_rows(layer), merged, atol=0, rtol=0)
+    layer.unmerge()
+    small = x[:3].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, d: layer(a), (small, delta))
+
+
+def test_a_model_cast_to_float64_after_the_adapter_was_added_is_exact():
+    layer = make_layer("linear")
+    layer.double()
+    assert layer.neuroada_delta["default"].dtype == torch.float64
+    x = torch.randn(5, 24, dtype=torch.float64)
+    merged = weight_as_rows(layer).clone()
+    merged.scatter_add_(1, layer.neuroada_indices["default"].long(), layer.neuroada_delta["default"].detach())
+    torch.testing.assert_close(layer(x).detach(), x @ merged.T + layer.get_base_layer().bias, atol=1e-12, rtol=1e-12)

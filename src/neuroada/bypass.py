@@ -10,7 +10,7 @@ Backends, chosen per call by :func:`choose_backend` unless the config names one:
 - ``"fused"``: the whole layer ``x (W + S)^T + b`` as one matmul on a temporary ``W + S`` that is built in the
   forward, dropped, and built again in the backward for the input gradient. Costs two copies of W on top of the
   frozen layer's two matmuls: the cheapest on CPU for fp32 weights and a few hundred tokens or more. Composes in
-  float32, so a bf16/fp16 weight never rounds the delta away.
+  float32 (float64 for float64 operands), so a bf16/fp16 weight never rounds the delta away.
 - ``"triton"``: GPU kernels (:mod:`neuroada.triton_backend`), added to the base layer's output.
 - ``"gather"``: a weighted ``embedding_bag`` over the transposed activations, O(tokens * out * k), added to the
   base layer's output. S^T uses the transposed pattern (entries grouped by input position) that
@@ -20,8 +20,9 @@ Backends, chosen per call by :func:`choose_backend` unless the config names one:
   output. For k a large share of in_features when the fused path does not apply.
 
 The ops are registered with ``torch.library`` (``neuroada::bypass``, ``neuroada::linear_bypass`` and their
-backwards), so ``torch.compile`` treats them as single nodes instead of breaking the graph.
-:func:`sparse_bypass_reference` is the plain dense implementation that the tests hold every backend to.
+backwards), so ``torch.compile`` treats them as single nodes instead of breaking the graph. Every backend
+accumulates in float32, or in float64 where an operand is float64 (:func:`accumulation_dtype`; Triton then steps
+aside), so a float64 model is exact and ``gradcheck`` holds. :func:`sparse_bypass_reference` is the plain dense implementation that the tests hold every backend to.
 """
 
 from __future__ import annotations
@@ -132,13 +133,15 @@ def choose_backend(requested: str, x: Tensor, k: int, fusable: bool = False) -> 
     if requested in ("gather", "dense") or (requested == "fused" and fusable):
         return requested
     if requested == "triton":
+        if x.dtype == torch.float64:  # the kernels accumulate in float32; the PyTorch backends keep float64 exact
+            return choose_backend("auto", x, k, fusable)
         if triton_backend.available(x.device):
             return "triton"
         _warn_once(f"the triton bypass backend cannot run on {x.device} ("
                    f"{'Triton is not installed' if triton_backend.triton is None else 'not a GPU'}); using the "
                    "PyTorch backends, which compute the same bypass. The setting is stored in the adapter's config "
                    "but binds nothing: set bypass_backend='auto' to silence this.")
-    if (x.device.type in _TRITON_DEVICE_TYPES and triton_backend.available(x.device)
+    if (x.device.type in _TRITON_DEVICE_TYPES and x.dtype != torch.float64 and triton_backend.available(x.device)
             and kernel_check.triton_usable(x.device, x.dtype)):
         return "triton"
     tokens = x.numel() // max(x.shape[-1], 1)
@@ -155,7 +158,8 @@ def _warn_once(message: str) -> None:
 
 def sparse_bypass(x: Tensor, delta: Tensor, pattern: SparsePattern, backend: str = "auto",
                   keep_columns: Optional[bool] = None) -> Tensor:
-    """``x S^T`` for ``x`` of shape ``[..., in]``; returns ``[..., out]`` in float32 (``delta``'s dtype).
+    """``x S^T`` for ``x`` of shape ``[..., in]``; returns ``[..., out]`` in :func:`accumulation_dtype` (float32, or
+    float64 where x or delta is).
 
     ``keep_columns``: keep only ``x[:, pattern.kept]`` for the backward instead of ``x``; ``None`` decides by the
     selection's coverage (:func:`keeps_columns`). Pass ``False`` when something else keeps ``x`` anyway (another
@@ -165,6 +169,8 @@ def sparse_bypass(x: Tensor, delta: Tensor, pattern: SparsePattern, backend: str
     if backend == "fused":
         raise ValueError("the fused backend replaces the whole layer: call linear_with_bypass")
     backend = choose_backend(backend, x, delta.shape[1])
+    if backend == "triton" and delta.dtype == torch.float64:
+        backend = "gather"  # (float32 x, float64 delta: the kernels would round the delta)
     keep_columns = keeps_columns(pattern) if keep_columns is None else keep_columns
     out = torch.ops.neuroada.bypass(x.reshape(-1, x.shape[-1]), delta, pattern.columns, pattern.transposed_rows,
                                     pattern.transposed_order, pattern.transposed_offsets, pattern.row_offsets,
@@ -195,17 +201,26 @@ def keeps_columns(pattern: SparsePattern) -> bool:
     return pattern.coverage <= KEEP_COLUMNS_MAX_COVERAGE
 
 
+def accumulation_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """What the op computes and sums in: float32, or float64 where any operand is float64 (float32 is a floor for
+    bf16/fp16 operands, never a ceiling)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def sparse_bypass_reference(x: Tensor, delta: Tensor, indices: Tensor) -> Tensor:
     """The dense definition: scatter delta into S and multiply. For tests only (it materialises S)."""
-    dense = torch.zeros(delta.shape[0], x.shape[-1], dtype=torch.float32, device=delta.device)
-    dense = dense.scatter(1, indices.long(), delta.float())
-    return x.float() @ dense.T
+    dtype = accumulation_dtype(x, delta)
+    dense = torch.zeros(delta.shape[0], x.shape[-1], dtype=dtype, device=delta.device)
+    dense = dense.scatter(1, indices.long(), delta.to(dtype))
+    return x.to(dtype) @ dense.T
 
 
-def dense_matrix(delta: Tensor, columns: Tensor, in_features: int) -> Tensor:
-    """S as a float32 ``[out, in]`` matrix (for the dense backend and for inspecting an adapter)."""
-    dense = torch.zeros(delta.shape[0], in_features, dtype=torch.float32, device=delta.device)
-    return dense.scatter_(1, columns.long(), delta.float())
+def dense_matrix(delta: Tensor, columns: Tensor, in_features: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """S as an ``[out, in]`` matrix of ``dtype`` (default :func:`accumulation_dtype` of delta; for the dense backend
+    and for inspecting an adapter)."""
+    dtype = accumulation_dtype(delta) if dtype is None else dtype
+    dense = torch.zeros(delta.shape[0], in_features, dtype=dtype, device=delta.device)
+    return dense.scatter_(1, columns.long(), delta.to(dtype))
 
 
 # ---------------------------------------------------------------------------------------------- the separate bypass
@@ -215,19 +230,20 @@ def dense_matrix(delta: Tensor, columns: Tensor, in_features: int) -> Tensor:
 def _bypass_op(x2d: Tensor, delta: Tensor, columns: Tensor, transposed_rows: Tensor, transposed_order: Tensor,
                transposed_offsets: Tensor, row_offsets: Tensor, kept: Tensor, kept_columns: Tensor, backend: str,
                keep_columns: bool) -> Tensor:
+    dtype = accumulation_dtype(x2d, delta)
     with torch.autocast(x2d.device.type, enabled=False):
         if backend == "triton":
             return triton_backend.bypass_forward(x2d, delta, columns)
         if backend == "dense":
-            return x2d.float() @ dense_matrix(delta, columns, x2d.shape[1]).T
-        out_t = F.embedding_bag(columns, _transposed(x2d), per_sample_weights=delta.float(), mode="sum")
-        return _transposed(out_t)
+            return x2d.to(dtype) @ dense_matrix(delta, columns, x2d.shape[1], dtype).T
+        out_t = F.embedding_bag(columns, _transposed(x2d, dtype), per_sample_weights=delta.to(dtype), mode="sum")
+        return _transposed(out_t, dtype)
 
 
 @_bypass_op.register_fake
 def _(x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, kept, kept_columns,
       backend, keep_columns):
-    return x2d.new_empty(x2d.shape[0], delta.shape[0], dtype=torch.float32)
+    return x2d.new_empty(x2d.shape[0], delta.shape[0], dtype=accumulation_dtype(x2d, delta))
 
 
 @torch.library.custom_op("neuroada::bypass_backward", mutates_args=())
@@ -237,8 +253,9 @@ def _bypass_backward_op(grad: Tensor, saved_x: Tensor, delta: Tensor, columns: T
                         need_input_grad: bool, need_delta_grad: bool) -> tuple[Tensor, Tensor]:
     grad_x = saved_x.new_empty(0)
     grad_delta = delta.new_empty(0)
+    dtype = accumulation_dtype(grad, saved_x, delta)
     with torch.autocast(grad.device.type, enabled=False):
-        grad_t = _transposed(grad)  # [out, tokens]
+        grad_t = _transposed(grad, dtype)  # [out, tokens]
         if backend == "triton":  # the kernels read feature-major operands, in their own dtypes
             if need_input_grad:
                 grad_x = triton_backend.input_grad(grad_t, delta, transposed_rows, transposed_order,
@@ -249,14 +266,14 @@ def _bypass_backward_op(grad: Tensor, saved_x: Tensor, delta: Tensor, columns: T
             return grad_x, grad_delta
         if need_input_grad:
             if backend == "dense":
-                grad_x = (grad_t.T @ dense_matrix(delta, columns, in_features)).to(saved_x.dtype)
+                grad_x = (grad_t.T @ dense_matrix(delta, columns, in_features, dtype)).to(saved_x.dtype)
             else:
-                weights = delta.float().reshape(-1)[transposed_order]
+                weights = delta.to(dtype).reshape(-1)[transposed_order]
                 grad_x_t = F.embedding_bag(transposed_rows, grad_t, transposed_offsets, per_sample_weights=weights,
                                            mode="sum", include_last_offset=True)
-                grad_x = _transposed(grad_x_t).to(saved_x.dtype)
+                grad_x = _transposed(grad_x_t, dtype).to(saved_x.dtype)
         if need_delta_grad:
-            grad_delta = _sampled_product(grad_t, _feature_major(saved_x, kept_layout), sampled_columns,
+            grad_delta = _sampled_product(grad_t, _feature_major(saved_x, kept_layout, dtype), sampled_columns,
                                           row_offsets).to(delta.dtype)
     return grad_x, grad_delta
 
@@ -306,7 +323,7 @@ _bypass_op.register_autograd(_bypass_backward, setup_context=_bypass_setup_conte
 def _linear_bypass_op(x2d: Tensor, weight_rows: Tensor, bias: Optional[Tensor], delta: Tensor, columns: Tensor,
                       row_offsets: Tensor, kept: Tensor, kept_columns: Tensor, keep_columns: bool) -> Tensor:
     with torch.autocast(x2d.device.type, enabled=False):
-        composed = _composed_weight(weight_rows, delta, columns)
+        composed = _composed_weight(weight_rows, delta, columns, accumulation_dtype(x2d, weight_rows, delta))
         out = F.linear(x2d.to(composed.dtype), composed, None if bias is None else bias.to(composed.dtype))
     return out.to(x2d.dtype)
 
@@ -322,12 +339,13 @@ def _linear_bypass_backward_op(grad: Tensor, saved_x: Tensor, weight_rows: Tenso
                                need_delta_grad: bool) -> tuple[Tensor, Tensor]:
     grad_x = saved_x.new_empty(0)
     grad_delta = delta.new_empty(0)
+    dtype = accumulation_dtype(grad, saved_x, weight_rows, delta)
     with torch.autocast(grad.device.type, enabled=False):
         if need_input_grad:
-            composed = _composed_weight(weight_rows, delta, columns)
-            grad_x = (grad.to(composed.dtype) @ composed).to(saved_x.dtype)
+            composed = _composed_weight(weight_rows, delta, columns, dtype)
+            grad_x = (grad.to(dtype) @ composed).to(saved_x.dtype)
         if need_delta_grad:
-            grad_delta = _sampled_product(_transposed(grad), _feature_major(saved_x, kept_layout),
+            grad_delta = _sampled_product(_transposed(grad, dtype), _feature_major(saved_x, kept_layout, dtype),
                                           sampled_columns, row_offsets).to(delta.dtype)
     return grad_x, grad_delta
 
@@ -356,7 +374,7 @@ def _linear_bypass_backward(ctx, grad):
     grad_x, grad_delta = torch.ops.neuroada.linear_bypass_backward(grad, saved_x, weight_rows, delta, columns,
                                                                     sampled_columns, row_offsets, ctx.kept_layout,
                                                                     need_x, need_delta)
-    grad_bias = grad.float().sum(0).to(ctx.bias_dtype) if need_bias else None
+    grad_bias = grad.to(accumulation_dtype(grad)).sum(0).to(ctx.bias_dtype) if need_bias else None
     return (grad_x if need_x else None, None, grad_bias, grad_delta if need_delta else None) + (None,) * 5
 
 
@@ -366,13 +384,13 @@ _linear_bypass_op.register_autograd(_linear_bypass_backward, setup_context=_line
 # --------------------------------------------------------------------------------------------------------- helpers
 
 
-def _composed_weight(weight_rows: Tensor, delta: Tensor, columns: Tensor) -> Tensor:
-    """A temporary ``W + S``: a contiguous float32 copy of W with the deltas scattered in."""
-    composed = weight_rows.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
-    return composed.scatter_add_(1, columns.long(), delta.float())
+def _composed_weight(weight_rows: Tensor, delta: Tensor, columns: Tensor, dtype: torch.dtype) -> Tensor:
+    """A temporary ``W + S``: a contiguous copy of W in ``dtype`` with the deltas scattered in."""
+    composed = weight_rows.to(dtype, copy=True, memory_format=torch.contiguous_format)
+    return composed.scatter_add_(1, columns.long(), delta.to(dtype))
 
 
-def _transposed(matrix: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+def _transposed(matrix: Tensor, dtype: torch.dtype) -> Tensor:
     """``matrix.T`` as a contiguous tensor of ``dtype``. Copied in slabs of rows: PyTorch's blocked transpose runs on
     one thread and thrashes the cache on power-of-two strides; slabs of 128 rows measured 1.4-2x faster on CPU."""
     out = torch.empty(matrix.shape[1], matrix.shape[0], dtype=dtype, device=matrix.device)
@@ -397,7 +415,7 @@ def _kept_input(x2d: Tensor, kept: Tensor) -> Tensor:
     return out
 
 
-def _feature_major(saved_x: Tensor, kept_layout: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+def _feature_major(saved_x: Tensor, kept_layout: bool, dtype: torch.dtype) -> Tensor:
     """The saved input as ``[features, tokens]`` of ``dtype``: a gathered copy is already laid out so, x is
     transposed."""
     return saved_x.to(dtype) if kept_layout else _transposed(saved_x, dtype)
@@ -414,7 +432,7 @@ def _sampled_product(grad_t: Tensor, x_t: Tensor, columns: Tensor, row_offsets: 
         sampled = torch.sparse_csr_tensor(
             row_offsets,
             columns.reshape(-1),
-            torch.zeros(out_features * k, dtype=torch.float32, device=grad_t.device),  # beta * NaN would be NaN
+            torch.zeros(out_features * k, dtype=grad_t.dtype, device=grad_t.device),  # beta * NaN would be NaN
             size=(out_features, x_t.shape[0]),
             check_invariants=False,
         )

@@ -15,8 +15,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import learning_rate, quantized, sharding
-from .bypass import (SparsePattern, build_pattern, choose_backend, dense_matrix, keeps_columns, linear_with_bypass,
-                     sparse_bypass)
+from .bypass import (SparsePattern, accumulation_dtype, build_pattern, choose_backend, dense_matrix, keeps_columns,
+                     linear_with_bypass, sparse_bypass)
 from .config import NeuroAdaConfig
 from .selection import (DATA_CRITERIA, index_dtype_for, layer_seed, precision_fragile_rows, select_per_neuron,
                         selection_fingerprint)
@@ -53,6 +53,12 @@ def deferred_selections_kept():
         yield
     finally:
         _placeholders_visible[0] -= 1
+
+
+def delta_dtype_for(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of deltas on a base weight: float32 (so that a bf16/fp16/quantized base never rounds small updates
+    away), float64 on a float64 base (whose bypass is then exact)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 def _held(indices: torch.Tensor) -> torch.Tensor:
@@ -143,8 +149,8 @@ class _Selections(BufferDict):
 class NeuroAdaLayer(BaseTunerLayer):
     """Adapter state of one wrapped layer, per adapter name:
 
-    - ``neuroada_delta[name]``: ``[out_features, k]`` float32 parameter, whatever the base dtype, so that small
-      updates to large weights are not rounded away;
+    - ``neuroada_delta[name]``: ``[out_features, k]`` float32 parameter whatever the base dtype (float64 on a float64
+      base), so that small updates to large weights are not rounded away;
     - ``neuroada_indices[name]``: ``[out_features, k]`` buffer of selected input positions, rows sorted: uint8 up to
       256 inputs, else int32 (the collectives of data-parallel training have no int16; files store int16 up to
       32768, see ``index_dtype_for``).
@@ -263,10 +269,11 @@ class NeuroAdaLayer(BaseTunerLayer):
             else:  # likewise, for a save from one process of a sharded model
                 self._base_values[adapter_name] = (indices, _version_of(indices),
                                                    self._gather_base_values(rows, indices))
+        dtype = delta_dtype_for(self.get_base_layer().weight)
         if config.init_weights:
-            delta = torch.zeros(self.out_features, k, dtype=torch.float32, device=device)
+            delta = torch.zeros(self.out_features, k, dtype=dtype, device=device)
         else:
-            delta = torch.randn(self.out_features, k, dtype=torch.float32, device=device) * 0.02
+            delta = (torch.randn(self.out_features, k, dtype=torch.float32, device=device) * 0.02).to(dtype)
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
         self._data_aware[adapter_name] = config.selection in DATA_CRITERIA
         self._track_delta(adapter_name)
@@ -294,7 +301,7 @@ class NeuroAdaLayer(BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """PEFT's (called after a ``low_cpu_mem_usage`` load) casts every adapter tensor to the base layer's dtype
-        and wraps it in a new, trainable Parameter. Deltas stay float32 whatever the base dtype (see the class
+        and wraps it in a new, trainable Parameter. Deltas stay float32 (float64 on a float64 base; see the class
         docstring) and keep their trainability, so they are moved in place; indices keep their integer dtype."""
         base_weight = self.get_base_layer().weight
         target = device if device is not None else base_weight.device
@@ -302,7 +309,7 @@ class NeuroAdaLayer(BaseTunerLayer):
             return
         delta = self.neuroada_delta[adapter_name] if adapter_name in self.neuroada_delta else None
         if delta is not None and not delta.is_meta:
-            delta.data = delta.data.to(target, torch.float32)
+            delta.data = delta.data.to(target, delta_dtype_for(base_weight))
         if adapter_name in self.neuroada_indices._buffers:
             indices = self.neuroada_indices._buffers[adapter_name]
             if not indices.is_meta:
@@ -428,19 +435,20 @@ class NeuroAdaLayer(BaseTunerLayer):
         for name in reversed(names):
             indices = self.neuroada_indices[name].long().to(rows.device)
             delta = self.neuroada_delta[name].detach().to(rows.device)
-            original = (current.gather(1, indices).float() - delta.float()).to(rows.dtype)
+            original = _merged_value(current.gather(1, indices), delta, sign=-1)
             current.scatter_(1, indices, original)
             self._merged_originals._buffers[name] = original
             self._merged_columns[name] = indices
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The adapter as a dense matrix shaped like the base weight (float32)."""
+        """The adapter as a dense matrix shaped like the base weight (in the deltas' dtype)."""
         dense = dense_matrix(self.neuroada_delta[adapter_name].detach(), self.pattern(adapter_name).columns,
                              self.in_features)
         return dense.T if self.is_conv1d else dense
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W[i, idx[i, j]] += delta[i, j] in one scatter per adapter, summed in float32 and cast to W's dtype (once
+        """W[i, idx[i, j]] += delta[i, j] in one scatter per adapter, summed in float32 (float64 for a float64 W)
+        and cast to W's dtype (once
         per adapter: an entry that two merged adapters select is rounded after each)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         twice = sorted({name for name in adapter_names if adapter_names.count(name) > 1})
@@ -553,12 +561,14 @@ def _shared_rows(adapter_names: tuple[str, ...], names: tuple[str, ...], device:
         return (None if whole else torch.tensor(rows, dtype=torch.long, device=device)), slots
 
 
-def _merged_value(original: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """W[i, idx] + delta, summed in float32 and cast once to the weight's dtype."""
-    delta = delta.detach()
-    if original.dtype == delta.dtype == torch.float32:  # (the casts cost more than the add)
-        return original + delta
-    return (original.float() + delta.float()).to(original.dtype)
+def _merged_value(original: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """W[i, idx] + delta (``sign=-1``: minus), summed in float32 (float64 if either is) and cast once to the weight's
+    dtype."""
+    weight_dtype, dtype = original.dtype, accumulation_dtype(original, delta)
+    delta = delta.detach().to(original.device, dtype)  # (no copies where both are in dtype: they cost more than the add)
+    original = original.to(dtype)
+    summed = original + delta if sign > 0 else original - delta
+    return summed.to(weight_dtype)
 
 
 def _in_backward() -> bool:
@@ -730,10 +740,12 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         part = x if rows is None else x.index_select(0, rows)
         columns = self.pattern(names[0]).columns
         out_features, k = columns.shape
-        deltas = torch.stack([self.neuroada_delta[name] for name in names]).float().index_select(0, slots)
+        deltas = torch.stack([self.neuroada_delta[name] for name in names])
+        dtype = accumulation_dtype(x, deltas)
+        deltas = deltas.to(dtype).index_select(0, slots)
         gathered = part.index_select(-1, columns.reshape(-1)).reshape(*part.shape[:-1], out_features, k)
         deltas = deltas.reshape(len(slots), *[1] * (part.dim() - 2), out_features, k)
-        bypass = (gathered.float() * deltas).sum(-1).to(result.dtype)
+        bypass = (gathered.to(dtype) * deltas).sum(-1).to(result.dtype)
         if rows is None:
             result += bypass
         else:
