@@ -95,7 +95,8 @@ class AdapterArguments:
 @dataclass
 class RunArguments:
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Write into an --output_dir that already holds files (otherwise refused)."})
+        "help": "Replace the run in an --output_dir that already holds files (otherwise refused): its adapter, "
+                "checkpoints and records are removed when training starts; other files stay."})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,14 +198,103 @@ def check_train_arguments(task: TaskArguments, adapter: AdapterArguments, run: R
             raise UsageError(f"--{name} must be at least 1, got {value}")
     if training.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be positive, got {training.learning_rate}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(training, name)}")
     output = training.output_dir
-    if os.path.isdir(output) and os.listdir(output) and not (run.overwrite_output_dir
-                                                              or training.resume_from_checkpoint):
+    check_output_path(output, "--output_dir", folder=True)
+    checkpoint = resolve_checkpoint(training)
+    inside = checkpoint is not None and _is_inside(checkpoint, output)
+    if os.path.isdir(output) and os.listdir(output) and not (run.overwrite_output_dir or inside):
         held = ", ".join(sorted(os.listdir(output))[:4])
         raise UsageError(f"--output_dir {output!r} already holds a run ({held}); pass --overwrite_output_dir to "
-                         "replace it, or choose another --output_dir")
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise UsageError(f"--output_dir {output!r} is a file; give a folder")
+                         "replace it, or choose another --output_dir" + (
+                             " (resuming from a checkpoint of another folder does not free this one)"
+                             if checkpoint else ""))
+    if inside and run.overwrite_output_dir:
+        raise UsageError("--overwrite_output_dir would remove the checkpoint that --resume_from_checkpoint "
+                         f"continues ({checkpoint}); leave it out to continue that run")
+    if checkpoint is not None:
+        check_checkpoint_matches(checkpoint, task, adapter, training)
+
+
+def resolve_checkpoint(training) -> str | None:
+    """``--resume_from_checkpoint`` as a checkpoint folder (``true``/``last``: the newest ``checkpoint-N`` in
+    ``--output_dir``, as transformers reads ``True``), checked to exist; None without one."""
+    value = training.resume_from_checkpoint
+    if value is None or str(value).lower() == "false":
+        training.resume_from_checkpoint = None
+        return None
+    if str(value).lower() in ("true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(training.output_dir) if os.path.isdir(training.output_dir) else None
+        if last is None:
+            raise UsageError(f"--resume_from_checkpoint {value}: --output_dir {training.output_dir!r} holds no "
+                             "checkpoint-N folder to continue from")
+        value = last
+    if not os.path.isdir(value):
+        raise UsageError(f"--resume_from_checkpoint {value!r} is not a folder; give a checkpoint-N folder of an "
+                         "earlier run (or 'last': the newest one in --output_dir)")
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise UsageError(f"--resume_from_checkpoint {value!r} is not a Trainer checkpoint (it has no "
+                         "trainer_state.json); give a checkpoint-N folder of an earlier run")
+    training.resume_from_checkpoint = value
+    return value
+
+
+def check_checkpoint_matches(checkpoint: str, task: TaskArguments, adapter: AdapterArguments, training) -> None:
+    """A resumed run continues the checkpoint's run: its adapter (k, selection, ...), data, split and seed must be
+    the checkpoint's, or the adapter would be recorded with settings it was not trained with and eval's held-out
+    split could hold training rows. Compared with the run's config.json (written when training starts) and the
+    checkpoint's adapter_config.json."""
+    differ = []
+    record_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    record = _read_json(record_path, "the checkpoint's run record") if os.path.isfile(record_path) else {}
+    if isinstance(record, dict) and {"task", "adapter"} <= set(record):
+        for name, value in asdict(adapter).items():
+            if name in record["adapter"] and record["adapter"][name] != value:
+                differ.append(f"--{name} {value} (the checkpoint's: {record['adapter'][name]})")
+        for name, value in asdict(task).items():
+            if name not in ("evaluate_before", "recipe") and name in record["task"] and record["task"][name] != value:
+                differ.append(f"--{name} {value} (the checkpoint's: {record['task'][name]})")
+        recorded_seed = record.get("training", {}).get("seed")
+        if recorded_seed is not None and recorded_seed != training.seed:
+            differ.append(f"--seed {training.seed} (the checkpoint's: {recorded_seed})")
+    config_path = os.path.join(checkpoint, "adapter_config.json")
+    if not differ and os.path.isfile(config_path):
+        saved = _read_json(config_path, "the checkpoint's adapter_config.json")
+        for name in ("k", "selection", "save_indices"):
+            if name in saved and saved[name] != getattr(adapter, name):
+                differ.append(f"--{name} {getattr(adapter, name)} (the checkpoint's: {saved[name]})")
+    if differ:
+        raise UsageError(f"--resume_from_checkpoint {checkpoint!r} continues a run with other settings: "
+                         + "; ".join(differ) + ". Resume with the checkpoint's settings, or start a new run.")
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+RUN_FILES = ("adapter", "config.json", "metrics.json", "log_history.json")  # and checkpoint-N: what a run writes
+
+
+def clear_previous_run(output_dir: str) -> list[str]:
+    """Remove what an earlier run wrote into ``output_dir`` (its adapter, checkpoints and records), so that
+    --overwrite_output_dir replaces that run instead of mixing its files with the new one's; other files stay."""
+    import shutil
+
+    removed = []
+    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
+        path = os.path.join(output_dir, name)
+        if name in RUN_FILES or re.fullmatch(r"checkpoint-\d+", name):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            removed.append(name)
+    return removed
 
 
 def adapter_config(adapter: AdapterArguments, task_type: str):
@@ -262,6 +352,15 @@ def train_command(argv: list[str]) -> int:
         calibrate(model, train_set, run.collator, adapter_args, training, main_process)
     trainable, total = model.get_nb_trainable_parameters()
 
+    if main_process:
+        if run_args.overwrite_output_dir:
+            removed = clear_previous_run(training.output_dir)
+            if removed:
+                print(f"replacing the earlier run in {training.output_dir}: removed {', '.join(removed)}")
+        existing = file_states(training.output_dir)
+        # the run's settings, before training: a resumed run is checked against them (check_checkpoint_matches)
+        _write_json(os.path.join(training.output_dir, "config.json"),
+                    {"task": asdict(task), "adapter": asdict(adapter_args), "training": training.to_dict()})
     trainer = Trainer(model=model, args=training, train_dataset=train_set, data_collator=run.collator,
                       processing_class=run.tokenizer)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
@@ -285,7 +384,7 @@ def train_command(argv: list[str]) -> int:
                     {"task": asdict(task), "adapter": asdict(adapter_args), "training": training.to_dict()})
         _write_json(os.path.join(training.output_dir, "log_history.json"), trainer.state.log_history)
         _write_json(os.path.join(training.output_dir, "metrics.json"), metrics)
-        respect_umask(training.output_dir)
+        respect_umask(training.output_dir, existing)
         name = run.metric_name
         print(f"\nneuroada train: {task.recipe or task.model} ({task.task}, k={adapter_args.k})")
         print(f"  {name:<22}: {_fmt(before, name)} before -> {_fmt(after, name)} after")
@@ -400,6 +499,10 @@ def eval_command(argv: list[str]) -> int:
                               description="Score an adapter, a base model or a merged model on held-out data.")
     _hide_negations(parser)
     eval_args, given = _parse(parser, argv, "eval")
+    if eval_args.output:
+        check_output_path(eval_args.output, "--output", folder=False)
+    if eval_args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {eval_args.batch_size}")
     given = TaskArguments(**asdict(given))
     explicit = _explicit_flags(argv)
     folder = AdapterFolder(eval_args.adapter) if eval_args.adapter else None
@@ -429,7 +532,7 @@ def eval_command(argv: list[str]) -> int:
         _write_json(eval_args.output, metrics | {"examples_scored": len(test_set), "data": task.eval_data or task.data,
                                                  "seed": seed,
                                                  "device": str(device)})
-        respect_umask(eval_args.output)
+        respect_umask(eval_args.output)  # (a file this command just wrote)
         print(f"metrics written to {eval_args.output}")
     return 0
 
@@ -457,6 +560,10 @@ def merge_command(argv: list[str]) -> int:
     (merge_args,) = _parse(parser, argv, "merge")
     if os.path.exists(merge_args.output):
         raise FileExistsError(f"{merge_args.output} exists; choose another --output or remove it")
+    check_output_path(merge_args.output, "--output", folder=True)
+    partial = merge_args.output.rstrip("/") + ".partial"
+    if os.path.exists(partial):  # its files would end up in the merged folder
+        raise FileExistsError(f"{partial} exists (left by an interrupted merge, or yours); remove it and merge again")
     folder = AdapterFolder(merge_args.adapter)
     given = TaskArguments(model=merge_args.model, task=merge_args.task or "classification")
     task = folder.task(given, {name for name in ("model", "task") if getattr(merge_args, name)})
@@ -465,7 +572,6 @@ def merge_command(argv: list[str]) -> int:
     labels = folder.labels or ([str(i) for i in range(folder.head_size())] if folder.head_size() else None)
     run = TaskRun(task, labels=labels)
     merged = run.load_adapted_model(folder).merge_and_unload()
-    partial = merge_args.output.rstrip("/") + ".partial"
     merged.save_pretrained(partial)
     run.tokenizer.save_pretrained(partial)
     respect_umask(partial)
@@ -475,6 +581,9 @@ def merge_command(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- inspect
+
+
+REPORT_FORMATS = ("png", "pdf", "svg")  # what neuroada inspect draws its report as (by the --output name)
 
 
 @dataclass
@@ -494,11 +603,16 @@ def inspect_command(argv: list[str]) -> int:
                               description="Summarise an adapter (text) and draw a report (PNG).")
     (args,) = _parse(parser, argv, "inspect")
     folder = AdapterFolder(args.adapter)
+    output = args.output or os.path.join(args.adapter, "report.png")
+    extension = os.path.splitext(output)[1].lower().lstrip(".")
+    if extension not in REPORT_FORMATS:
+        raise UsageError(f"--output {output!r}: give a file name ending in one of "
+                         f"{', '.join('.' + f for f in REPORT_FORMATS)} (the report's format)")
+    check_output_path(output, "--output", folder=False)
     summary = adapter_summary(args.adapter, input_widths=folder.input_widths(args.model))
     print(summary.text())
-    output = args.output or os.path.join(args.adapter, "report.png")
     write_report(summary, output)
-    respect_umask(output)
+    respect_umask(output)  # (a file this command just wrote)
     print(f"report written to {output}")
     return 0
 
@@ -519,11 +633,23 @@ class AdapterFolder:
             raise FileNotFoundError(f"{path!r} is not an adapter folder: it has no adapter_config.json (give the "
                                     "folder that save_pretrained wrote, e.g. runs/<name>/adapter)")
         self.path = path
-        self.config = _read_json(config_path)
+        self.config = _read_json(config_path, "the adapter's config")
+        if not isinstance(self.config, dict):
+            raise UsageError(f"the adapter's config {config_path!r} does not hold a JSON object; repair or replace it")
         if self.config.get("peft_type") != "NEUROADA":
             raise UsageError(f"{path!r} holds a {self.config.get('peft_type')} adapter, not a NeuroAda one")
-        self.run_info = _read_json(os.path.join(path, RUN_INFO)) if os.path.isfile(os.path.join(path, RUN_INFO)) \
-            else {}
+        weights = os.path.join(path, "adapter_model.safetensors")
+        if os.path.isfile(weights):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(weights, "np") as handle:
+                    handle.keys()
+            except Exception as error:  # safetensors' SafetensorError, OSError: a damaged or truncated file
+                raise UsageError(f"{weights!r} cannot be read ({error}): the file is damaged or incomplete; save "
+                                 "the adapter again") from None
+        run_info = os.path.join(path, RUN_INFO)
+        self.run_info = _read_json(run_info, "the run record") if os.path.isfile(run_info) else {}
         self.labels = self.run_info.get("labels")
         self.seed = self.run_info.get("seed")
 
@@ -948,8 +1074,14 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 def _as_flags(values: dict) -> list[str]:
     flags = []
     for key, value in values.items():
-        if value is not None:
-            flags += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+        if value is None:
+            continue
+        if isinstance(value, list) and key == "target_modules":  # a string flag: comma-separated names
+            flags += [f"--{key}", ",".join(str(v) for v in value)]
+        elif isinstance(value, list):  # list-valued TrainingArguments flags take their values one by one
+            flags += [f"--{key}", *(str(v) for v in value)]
+        else:
+            flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
     return flags
 
 
@@ -957,20 +1089,27 @@ def _read_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"config file {path!r} does not exist")
     if path.endswith(".json"):
-        values = _read_json(path)
+        values = _read_json(path, "config file")
     else:
         import yaml
 
-        with open(path) as handle:
-            values = yaml.safe_load(handle)
+        try:
+            with open(path) as handle:
+                values = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise UsageError(f"config file {path!r} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
         raise UsageError(f"config file {path!r} must hold a mapping of flag names to values")
     return values
 
 
-def _read_json(path: str):
-    with open(path) as handle:
-        return json.load(handle)
+def _read_json(path: str, what: str = "the file"):
+    """A JSON file; one that does not parse is a one-line error naming it (``what``: what the file is)."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{what} {path!r} is not valid JSON ({error}); repair or replace it") from None
 
 
 def _write_json(path: str, value) -> None:
@@ -997,14 +1136,49 @@ def _umask() -> int:
     return mask
 
 
-def respect_umask(path: str) -> None:
-    """safetensors writes its files with mode 0600 whatever the umask; give every file under ``path`` the mode
-    an ordinary write would have (0666 minus the umask), so others can read what the user lets them read."""
-    mode = 0o666 & ~_umask()
-    paths = [path] if os.path.isfile(path) else [os.path.join(root, name) for root, _, names in os.walk(path)
-                                                 for name in names]
+def file_states(path: str) -> dict[str, tuple[int, int]]:
+    """(inode, modification time in ns) of every file under ``path`` (or of the file ``path``): what a command's
+    writes are told apart by."""
+    if os.path.isfile(path):
+        paths = [path]
+    else:
+        paths = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    states = {}
     for file in paths:
-        os.chmod(file, mode)
+        try:
+            stat = os.stat(file)
+        except OSError:
+            continue
+        states[file] = (stat.st_ino, stat.st_mtime_ns)
+    return states
+
+
+def respect_umask(path: str, before: dict[str, tuple[int, int]] | None = None) -> None:
+    """safetensors writes its files with mode 0600 whatever the umask; give the files this command wrote under
+    ``path`` (those new or changed since ``file_states`` gave ``before``) the mode an ordinary write would have
+    (0666 minus the umask). Files that were there and untouched keep their modes: a key or a script in the folder
+    is the user's."""
+    mode = 0o666 & ~_umask()
+    before = before or {}
+    for file, state in file_states(path).items():
+        if before.get(file) != state:
+            os.chmod(file, mode)
+
+
+def check_output_path(path: str, flag: str, folder: bool) -> None:
+    """Refuse, before anything is loaded, an output path that cannot be written: under a file, a folder where a file
+    goes (or the other way round), or in a folder without write permission."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file; give a folder")
+    if not folder and os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a folder; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path!r} lies under {parent!r}, which is a file; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path!r}: no permission to write in {parent!r}; choose another path")
 
 
 def _model_labels(task: TaskArguments) -> list[str] | None:
