@@ -184,3 +184,246 @@ def test_a_yaml_list_of_target_modules_is_a_list_of_names(tmp_path, tiny_encoder
     task, adapter, _, training = cli.parse_train_arguments([str(path)])
     assert adapter.target_modules == "query,value" and training.label_names == ["labels", "extra"]
     assert cli.adapter_config(adapter, "SEQ_CLS").target_modules == {"query", "value"}
+
+
+# ------------------------------------------------------------------------------------- silent wrong results
+
+
+def save_classifier(tmp_path, tiny_bert, name, order, flip=False):
+    """tiny_bert as a classifier whose classes are named ``order`` (flipped: the same model with its ids the other
+    way round)."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=len(order),
+                                                               ignore_mismatched_sizes=True)
+    if flip:
+        with torch.no_grad():
+            model.classifier.weight.copy_(model.classifier.weight.flip(0))
+            model.classifier.bias.copy_(model.classifier.bias.flip(0))
+    model.config.id2label = dict(enumerate(order))
+    model.config.label2id = {label: i for i, label in enumerate(order)}
+    model.save_pretrained(tmp_path / name)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_training_from_a_classifier_keeps_its_classes_and_head(tmp_path, tiny_bert):
+    """A classifier whose ids run the other way round is the same model: its accuracy before training is the same,
+    and training goes on from its head (the data's own sorted order used to scramble it)."""
+    sentiment = tmp_path / "unbalanced.csv"  # 3 positive rows to 1 negative, so that the class predicted shows
+    sentiment.write_text("text,label\n" + "".join(f"item {i} is fine,positive\nitem {i} is fair,positive\n"
+                                                  f"item {i} is nice,positive\nitem {i} is poor,negative\n"
+                                                  for i in range(30)))
+    sentiment = str(sentiment)
+    befores = []
+    for name, order, flip in (("plain", ["negative", "positive"], False), ("flipped", ["positive", "negative"], True)):
+        path = save_classifier(tmp_path, tiny_bert, name, order, flip)
+        code, out, _ = run_cli(train_flags(path, sentiment, tmp_path / f"run-{name}", "--max_steps", "1",
+                                           "--learning_rate", "1e-9"))
+        assert code == 0, out
+        assert "classes: " + path + "'s own, in its order" in out
+        befores.append(read_json(tmp_path / f"run-{name}" / "metrics.json")["before"]["accuracy"])
+        assert read_json(tmp_path / f"run-{name}" / "adapter" / "neuroada_run.json")["labels"] == order
+    assert befores[0] == befores[1]
+    assert befores[0] != 0.5  # (the head predicts one class more often, so that a scramble shows)
+
+
+def test_a_classifier_with_another_number_of_classes_gets_a_new_head(tmp_path, tiny_bert):
+    data = tmp_path / "three.csv"
+    data.write_text("text,label\n" + "".join(f"row {i} is {w},{c}\n" for i in range(30)
+                                             for w, c in (("good", "pos"), ("bad", "neg"), ("so so", "mid"))))
+    code, out, _ = run_cli(train_flags(tiny_bert, str(data), tmp_path / "run"))
+    assert code == 0, out
+    assert "is a classifier with 2 outputs, so its head is replaced by a new 3-class head" in out
+
+
+def test_scoring_a_classifier_on_data_that_lacks_a_class_keeps_its_head(tmp_path, tiny_bert, capsys):
+    path = save_classifier(tmp_path, tiny_bert, "three", ["0", "1", "2"])
+    data = tmp_path / "two.csv"
+    data.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(40)))
+    assert main(["eval", "--model", path, "--data", str(data), "--max_length", "16", "--test_size", "20",
+                 "--output", str(tmp_path / "m.json")]) == 0
+    assert read_json(tmp_path / "m.json")["examples_scored"] == 20
+    wrong = tmp_path / "four.csv"
+    wrong.write_text("text,label\n" + "".join(f"row {i},{i % 4}\n" for i in range(40)))
+    assert main(["eval", "--model", path, "--data", str(wrong), "--max_length", "16", "--test_size", "20"]) == 2
+    assert "not among the classes" in capsys.readouterr().err
+
+
+@pytest.fixture
+def word_answers(tmp_path):
+    records = [{"instruction": f"Name colour {i}.", "input": "", "output": c, "answer": c}
+               for i, c in enumerate(["red", "blue", "green", "Red."] * 10)]
+    path = tmp_path / "words.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["number", "option"])
+def test_answers_the_answer_kind_cannot_read_are_refused(tmp_path, tiny_llama_dir, word_answers, capsys, kind):
+    assert main(["train", "--model", tiny_llama_dir, "--task", "instruction", "--data", word_answers,
+                 "--answer_kind", kind, "--test_size", "8", "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"are not {'numbers' if kind == 'number' else 'option labels'}" in err and "(e.g. 'red')" in err
+    assert "--answer_kind text" in err and not (tmp_path / "run").exists()
+
+
+def test_text_answers_are_read_and_compared_as_text():
+    from neuroada_recipes.tasks import answers_match, extract_answer
+
+    assert extract_answer("  Red.\nI hope that helps", "text") == "red"
+    assert extract_answer('"Dark   Blue!"', "text") == "dark blue"
+    assert extract_answer("\n\n### Instruction:\nred", "text") is None
+    assert answers_match(extract_answer("Red.", "text"), "red", "text")
+    assert answers_match(extract_answer("red", "text"), "Red.", "text")
+    assert not answers_match(extract_answer("reddish", "text"), "red", "text")
+    assert not answers_match(extract_answer("red blue", "text"), "red", "text")
+
+
+def test_a_run_with_text_answers_scores_them(tmp_path, tiny_llama_dir, word_answers):
+    code, out, _ = run_cli(["train", "--model", tiny_llama_dir, "--task", "instruction", "--data", word_answers,
+                            "--answer_kind", "text", "--test_size", "4", "--max_length", "48",
+                            "--max_new_tokens", "3", "--max_steps", "1", "--output_dir", str(tmp_path / "run")])
+    assert code == 0, out
+    assert "exact_match" in out
+
+
+def test_a_max_length_without_room_for_text_is_refused(tmp_path, tiny_encoder, sentiment, capsys):
+    for length in ("1", "2"):
+        assert main(train_flags(tiny_encoder, sentiment, tmp_path / "run", "--max_length", length)) == 2
+        err = capsys.readouterr().err
+        assert "leaves no room for text: the tokenizer adds 2 special tokens" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_max_length_beyond_the_models_positions_is_lowered_to_them(tmp_path, tiny_encoder):
+    long = tmp_path / "long.csv"  # texts longer than the model's 64 positions
+    long.write_text("text,label\n" + "".join(f"{'word ' * 100}{i},{i % 2}\n" for i in range(40)))
+    code, out, _ = run_cli(train_flags(tiny_encoder, str(long), tmp_path / "run", "--max_length", "1000"))
+    assert code == 0, out
+    assert "max length: 64 tokens, all the positions" in out
+    assert read_json(tmp_path / "run" / "adapter" / "neuroada_run.json")["task"]["max_length"] == 64
+
+
+@pytest.mark.parametrize("targets, message", [
+    ("query,valu", "names ['valu'] that no module"),
+    ("nothing_here", "names ['nothing_here'] that no module"),
+    (".*nomatch.*", "matches no module"),
+])
+def test_target_modules_that_name_no_module_are_refused(tmp_path, tiny_encoder, sentiment, capsys, targets, message):
+    assert main(train_flags(tiny_encoder, sentiment, tmp_path / "run", "--target_modules", targets)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "'value'" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_on_the_runs_own_training_data_says_the_score_is_not_held_out(trained, tmp_path, sentiment):
+    code, out, _ = run_cli(["eval", "--adapter", str(trained / "adapter"), "--eval_data", sentiment,
+                            "--output", str(tmp_path / "m.json")])
+    assert code == 0, out
+    scored = read_json(tmp_path / "m.json")
+    assert scored["examples_scored"] == 120 and scored["training_rows_scored"] == 108
+    assert "108 of the 120 rows scored are rows this adapter was trained on" in out
+    fresh = tmp_path / "fresh.csv"
+    fresh.write_text("text,label\n" + "".join(f"a new sentence {i},{'positive' if i % 2 else 'negative'}\n"
+                                             for i in range(10)))
+    code, out, _ = run_cli(["eval", "--adapter", str(trained / "adapter"), "--eval_data", str(fresh),
+                            "--output", str(tmp_path / "f.json")])
+    assert code == 0 and read_json(tmp_path / "f.json")["training_rows_scored"] == 0 and "warning" not in out
+
+
+def test_eval_rows_without_text_or_label_are_left_out_and_counted(trained, tmp_path):
+    data = tmp_path / "dirty.csv"
+    data.write_text("text,label\nthis is good news,positive\n,negative\n   ,positive\nawful day,\nbad one,negative\n")
+    code, out, _ = run_cli(["eval", "--adapter", str(trained / "adapter"), "--eval_data", str(data),
+                            "--output", str(tmp_path / "m.json")])
+    assert code == 0, out
+    assert read_json(tmp_path / "m.json")["examples_scored"] == 2
+    assert "(5 rows, 3 without a text or label left out)" in out
+
+
+def test_instruction_rows_without_an_output_do_not_train(tmp_path, tiny_llama_dir):
+    records = [{"instruction": f"Calculate {a} + 1.", "input": "", "output": str(a + 1), "answer": str(a + 1)}
+               for a in range(40)] + [{"instruction": "Calculate 99 + 1.", "input": "", "output": None,
+                                       "answer": "100"}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, _ = run_cli(["train", "--model", tiny_llama_dir, "--task", "instruction", "--data", str(path),
+                            "--test_size", "4", "--max_length", "48", "--max_new_tokens", "3", "--max_steps", "1",
+                            "--output_dir", str(tmp_path / "run")])
+    assert code == 0, out
+    assert "41 rows, 1 without a output dropped" in out.replace("an output", "a output")
+
+
+def test_a_k_above_the_layer_widths_gets_the_rate_of_the_k_they_hold(tmp_path, tiny_encoder, sentiment):
+    code, out, _ = run_cli(train_flags(tiny_encoder, sentiment, tmp_path / "run", "--k", "100000"))
+    assert code == 0, out
+    largest = 64  # tiny_encoder's widest input (its intermediate layer's output projection)
+    rate = 3e-2 / largest ** 0.5
+    assert read_json(tmp_path / "run" / "metrics.json")["learning_rate"] == pytest.approx(rate)
+    assert f"the rule for k={largest}" in out
+
+
+# ------------------------------------------------------------------------------- one-line errors and messages
+
+
+def test_data_files_are_read_by_extension_or_refused_clearly(tmp_path, tiny_encoder, sentiment, capsys):
+    rows = open(sentiment).read()
+    upper = tmp_path / "SENTIMENT.CSV"
+    upper.write_text(rows)
+    tsv = tmp_path / "sentiment.tsv"
+    tsv.write_text(rows.replace(",", "\t"))
+    for path in (upper, tsv):
+        code, out, _ = run_cli(train_flags(tiny_encoder, str(path), tmp_path / f"run-{path.suffix}"))
+        assert code == 0, out
+        assert "120 rows, 120 distinct texts" in out
+    text = tmp_path / "sentiment.txt"
+    text.write_text(rows)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\n".encode() + "caf\xe9 ol\xe9,positive\n".encode("latin-1") * 3)
+    for source, message in ((str(text), "is not one of the kinds read"),
+                            (str(latin), "save the file as UTF-8"),
+                            ("no-such-org/no-such-data-set-xyz", "cannot load the data set")):
+        assert main(train_flags(tiny_encoder, source, tmp_path / "r")) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_errors_about_eval_data_name_the_eval_file(trained, tmp_path, capsys):
+    bad = tmp_path / "eval_badcol.csv"
+    bad.write_text("sentence,label\nsome text,positive\n")
+    assert main(["eval", "--adapter", str(trained / "adapter"), "--eval_data", str(bad)]) == 2
+    assert f"{str(bad)!r} has no column 'text'" in capsys.readouterr().err
+    unseen = tmp_path / "unseen.csv"
+    unseen.write_text("text,label\nsome text,neutral\n")
+    assert main(["eval", "--adapter", str(trained / "adapter"), "--eval_data", str(unseen)]) == 2
+    err = capsys.readouterr().err
+    assert f"the test rows of {str(unseen)!r} hold labels ['neutral']" in err and "leave those rows out" in err
+
+
+def test_instruction_column_errors_name_instruction_columns(tmp_path, tiny_llama_dir, capsys):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "output": "1", "answer": "1"}) + "\n" for i in range(20)))
+    assert main(["train", "--model", tiny_llama_dir, "--task", "instruction", "--data", str(path),
+                 "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "has no column 'instruction'" in err and "needs the columns instruction, output and answer" in err
+    assert "--label_column" not in err
+
+
+def test_no_training_rows_left_is_said_as_such(tmp_path, tiny_encoder, sentiment, capsys):
+    assert main(train_flags(tiny_encoder, sentiment, tmp_path / "run", "--eval_data", sentiment)) == 2
+    assert "no training rows are left" in capsys.readouterr().err
+
+
+def test_the_run_record_holds_absolute_paths_so_eval_works_from_anywhere(tmp_path, tiny_encoder, sentiment,
+                                                                         monkeypatch):
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(sentiment, work / "data.csv")
+    monkeypatch.chdir(work)
+    assert run_cli(train_flags(tiny_encoder, "data.csv", "run"))[0] == 0
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(["eval", "--adapter", "work/run/adapter", "--output", "m.json"])
+    assert code == 0, out
+    assert read_json(tmp_path / "m.json")["examples_scored"] == 12

@@ -58,8 +58,9 @@ class TaskArguments:
     text_column: str = field(default="text", metadata={"help": "Classification: the text column."})
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Classification: a second text."})
     label_column: str = field(default="label", metadata={"help": "Classification: the label column."})
-    answer_kind: Literal["number", "option"] = field(default="number", metadata={
-        "help": "Instruction: how answers are read from a generation: the last number, or an option label."})
+    answer_kind: Literal["number", "option", "text"] = field(default="number", metadata={
+        "help": "Instruction: how answers are read from a generation: the last number, an option label, or the "
+                "first line as text (case and a final full stop ignored)."})
     test_size: Optional[int] = field(default=None, metadata={
         "help": "Held-out test examples (distinct ones). Default: 10%% of the distinct rows, at most 1,000."})
     train_size: Optional[int] = field(default=None, metadata={
@@ -331,7 +332,7 @@ def train_command(argv: list[str]) -> int:
     started = time.time()
     set_seed(training.seed)
     main_process = training.process_index == 0
-    run = TaskRun(task)
+    run = TaskRun(task, base_labels=_model_labels(task) if task.task == "classification" else None)
     train_set, test_set = run.prepare_data(training.seed)
     if main_process:
         print(f"data: {run.split_text}")
@@ -339,11 +340,19 @@ def train_command(argv: list[str]) -> int:
               f"{training.warmup_steps} warmup steps), batch {training.per_device_train_batch_size} per device, "
               + (f"{training.max_steps} steps" if training.max_steps > 0 else f"{training.num_train_epochs:g} epochs"))
     model = run.load_base_model()
+    check_targets(model, config)
     if trainer_places_model(training):  # now, so that the first evaluation and the calibration run there too
         model.to(training.device)
 
     before = run.evaluate(model, test_set, "before") if task.evaluate_before else None
     model = get_peft_model(model, config)
+    largest_k = _largest_k(model)
+    if largest_k < adapter_args.k and not _given(_flags_of(argv), "--learning_rate"):
+        # the rule's rate for the k the layers hold, not for the k asked for
+        training.learning_rate = training_defaults(task.task, largest_k, task.recipe)["learning_rate"]
+        if main_process:
+            print(f"learning rate {training.learning_rate:g}: the rule for k={largest_k}, the most any adapted "
+                  f"layer holds (--k {adapter_args.k} is more than the layers' inputs)")
     if config.selection in DATA_SELECTIONS:
         if main_process and not _given(_flags_of(argv), "--learning_rate"):
             print(f"warning: the default learning rate ({training.learning_rate:g}) is the rule for magnitude "
@@ -396,6 +405,34 @@ def train_command(argv: list[str]) -> int:
         print(f"  adapter               : {adapter_dir} (README.md says how to load it)")
         print(f"  run folder            : {training.output_dir} (config.json, metrics.json, log_history.json)")
     return 0
+
+
+def check_targets(model, config) -> None:
+    """Refuse --target_modules entries that name no module of the model: PEFT adapts what the others match and
+    says nothing, so a typo ('valu') would silently train fewer layers than asked for."""
+    targets = config.target_modules
+    if targets == "all-linear" or targets is None:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if type(module).__name__ in ("Linear", "Conv1D")})
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, name) for name in names):
+            raise UsageError(f"--target_modules {targets!r} (a regular expression over module names) matches no "
+                             f"module of {type(model).__name__}; its linear layers are named {layers}")
+        return
+    missing = [t for t in sorted(targets) if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        raise UsageError(f"--target_modules names {missing} that no module of {type(model).__name__} has; its "
+                         f"linear layers are named {layers}")
+
+
+def _largest_k(model) -> int:
+    """The largest k an adapted layer holds (each layer's k is capped at its input width)."""
+    from neuroada import NeuroAdaLayer
+
+    return max((delta.shape[1] for module in model.modules() if isinstance(module, NeuroAdaLayer)
+                for delta in module.neuroada_delta.values()), default=0)
 
 
 def trainer_places_model(training) -> bool:
@@ -519,7 +556,7 @@ def eval_command(argv: list[str]) -> int:
     test_set = run.prepare_test(seed)
     if folder:
         run.check_training_split(folder)
-    model = run.load_adapted_model(folder) if folder else run.load_base_model()
+    model = run.load_adapted_model(folder) if folder else run.load_base_model(scoring=True)
     device = eval_args.device or _default_device()
     model.to(device)
     metrics = run.evaluate(model, test_set, "eval", batch_size=eval_args.batch_size)
@@ -528,9 +565,14 @@ def eval_command(argv: list[str]) -> int:
     for name, value in metrics.items():
         if name != "examples":
             print(f"  {name:<12}: {value:.4f}")
+    trained_on = run.training_rows_scored(folder) if folder else None
+    if trained_on:
+        print(f"  warning: {trained_on} of the {len(test_set)} rows scored are rows this adapter was trained on "
+              f"(its run's --data); the score is not a held-out one. Leave out --eval_data to score the run's "
+              "held-out rows, or give data the run did not train on.")
     if eval_args.output:
         _write_json(eval_args.output, metrics | {"examples_scored": len(test_set), "data": task.eval_data or task.data,
-                                                 "seed": seed,
+                                                 "seed": seed, "training_rows_scored": trained_on,
                                                  "device": str(device)})
         respect_umask(eval_args.output)  # (a file this command just wrote)
         print(f"metrics written to {eval_args.output}")
@@ -712,19 +754,27 @@ class AdapterFolder:
 class TaskRun:
     """Data, model and evaluation of one task, shared by train, eval and merge."""
 
-    def __init__(self, task: TaskArguments, labels: list[str] | None = None, head_size: int | None = None):
+    def __init__(self, task: TaskArguments, labels: list[str] | None = None, head_size: int | None = None,
+                 base_labels: list[str] | None = None):
+        """``labels``: the class names in id order, when known (an adapter's, a classifier's being scored);
+        ``base_labels``: those of a base model that is already a classifier, reused for training when they name
+        every class of the data (its head then keeps its meaning); ``head_size``: outputs of an adapter's head
+        whose names are unknown."""
         from .models import load_tokenizer, resolve_model
 
         if task.task not in ("classification", "instruction"):
             raise UsageError(f"--task {task.task!r} is unknown; use 'classification' or 'instruction'")
         self.task = task
         self.labels = labels
+        self.base_labels = base_labels
         self.head_size = head_size  # outputs of an adapter's saved head, when its label names are unknown
         self.split_text = ""
         self.test_split = None
+        self.test_texts: list[str] = []
         self.model_path = resolve_model(task.model)
         self.tokenizer = load_tokenizer(self.model_path)
         self.classification = task.task == "classification"
+        self._check_max_length()
         self.peft_task_type = PEFT_TASK_TYPES[task.task]
         self.metric_name = "accuracy" if self.classification else "exact_match"
         glue = GLUE_TASKS.get(task.data.removeprefix("glue/")) if task.data and task.data.startswith("glue/") else None
@@ -741,9 +791,36 @@ class TaskRun:
 
             self.collator = DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100)
 
+    def _check_max_length(self) -> None:
+        """--max_length must hold the tokenizer's special tokens and some text (below that the tokenizer stops
+        truncating at all, without a word); above the model's positions (where the forward would fail) it is
+        lowered to them, with a note."""
+        from transformers import AutoConfig
+
+        task = self.task
+        if self.classification:
+            pair = bool(task.text_pair_column)
+            special = self.tokenizer.num_special_tokens_to_add(pair=pair)
+            if task.max_length < special + 1 + pair:
+                raise UsageError(f"--max_length {task.max_length} leaves no room for text: the tokenizer adds "
+                                 f"{special} special tokens to each example; give at least {special + 1 + pair}")
+        try:
+            config = AutoConfig.from_pretrained(self.model_path)
+        except (OSError, ValueError):
+            return  # (the model's own load reports it)
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if isinstance(positions, int) and task.max_length > positions:  # (a longer example would fail the forward)
+            print(f"max length: {positions} tokens, all the positions {task.model} has (--max_length "
+                  f"{task.max_length} is more)")
+            task.max_length = positions
+
     def prepare_data(self, seed: int):
         """Tokenized train and test sets (the test set of instruction tasks stays raw, for generation)."""
         splits = self._splits(seed, test_only=False)
+        if len(splits.train) == 0:
+            raise DataError(f"no training rows are left ({self.split_text}): "
+                            + ("every row of --data is also in --eval_data; train on other rows" if self.task.eval_data
+                               else "lower --test_size, or give more rows"))
         train = self._encode(splits.train, "train")
         return train, self._encode(splits.test, "test")
 
@@ -781,21 +858,23 @@ class TaskRun:
                 else:
                     key = (self._text_column,) + (("input",) if "input" in table.column_names else ())
                     kind = "instructions with their inputs" if len(key) == 2 else "instructions"
-                require_columns(table, list(key) + ([task.label_column] if self.classification else []), task.data)
+                require_columns(table, list(key) + ([task.label_column] if self.classification else []), task.data,
+                                self._column_hint)
                 rows, dropped = len(table), 0
-                if self.classification:
-                    table, dropped = drop_unlabelled(table, task.label_column, task.data)
+                target = task.label_column if self.classification else "output"
+                if target in table.column_names:  # (an empty output would train on the text "None")
+                    table, dropped = drop_unlabelled(table, target, task.data)
                 # with --eval_data nothing of --data is held out: the eval file is the test split
                 test_size = 0 if task.eval_data else task.test_size
                 splits = deduplicated_split(table, key, test_size, task.train_size, seed, test_only=test_only)
                 counts = ([] if task.eval_data else [f"{len(splits.test)} test rows"]) + (
                     [] if test_only else [f"{len(splits.train)} training rows"])
                 self.split_text = (f"{task.data}: {rows} rows, "
-                                   + (f"{dropped} without a label dropped, " if dropped else "")
+                                   + (f"{dropped} without a {'label' if self.classification else 'output'} "
+                                      "dropped, " if dropped else "")
                                    + f"{splits.distinct} distinct {kind}; " + ", ".join(counts))
             if task.eval_data:
-                splits.test = load_table(task.eval_data)
-                self.split_text += f"; test data: {task.eval_data} ({len(splits.test)} rows)"
+                splits.test = self._clean_test_rows(load_table(task.eval_data), task.eval_data)
                 column = self._text_column
                 if not test_only and column in splits.test.column_names:  # never train on an eval row
                     held_out = set(splits.test[column])
@@ -808,19 +887,57 @@ class TaskRun:
         self._fingerprint_test_split(splits.test)
         return splits
 
-    def _check_columns(self, splits: Splits, test_only: bool) -> None:
-        from .data import require_columns
+    def _clean_test_rows(self, table, source: str):
+        """An --eval_data table without the rows that cannot be scored (no text, no label or answer), counted in the
+        split text, as training data is (an empty text would be scored as the string "None")."""
+        from .data import drop_unlabelled, require_columns
 
         task = self.task
-        checked = (splits.test,) if test_only else (splits.train, splits.test)
+        text = self._text_column
+        target = task.label_column if self.classification else "answer"
+        require_columns(table, [text, target] + ([task.text_pair_column] if self.classification and
+                                                 task.text_pair_column else []), source, self._column_hint)
+        rows = len(table)
+        table, unlabelled = drop_unlabelled(table, target, source)
+        keep = [i for i, value in enumerate(table[text]) if value is not None and str(value).strip()]
+        if len(keep) < len(table):
+            table = table.select(keep)
+        dropped = rows - len(table)
+        self.split_text += f"; test data: {source} ({rows} rows" + (
+            f", {dropped} without a text or {target} left out)" if dropped else ")")
+        if not len(table):
+            raise DataError(f"{source!r} has no row with both a text and a {target}")
+        return table
+
+    @property
+    def _column_hint(self) -> str:
+        return ("Name the right one with --text_column / --text_pair_column / --label_column." if self.classification
+                else "Instruction data needs the columns instruction, output and answer (input is optional).")
+
+    def _check_columns(self, splits: Splits, test_only: bool) -> None:
+        from .data import require_columns
+        from .tasks import answer_readable
+
+        task = self.task
+        test_source = task.eval_data or task.data
         if self.classification:
             columns = [task.text_column, task.label_column] + ([task.text_pair_column] if task.text_pair_column else [])
-            for split in checked:
-                require_columns(split, columns, task.data)
+            if not test_only:
+                require_columns(splits.train, columns, task.data, self._column_hint)
+            require_columns(splits.test, columns, test_source, self._column_hint)
             return
-        for split in checked:
-            require_columns(split, ["instruction", "output"], task.data)
-        require_columns(splits.test, ["answer"], task.eval_data or task.data)
+        if not test_only:
+            require_columns(splits.train, ["instruction", "output"], task.data, self._column_hint)
+        require_columns(splits.test, ["instruction", "answer"], test_source, self._column_hint)
+        unreadable = [a for a in splits.test["answer"] if not answer_readable(a, task.answer_kind)]
+        if unreadable:
+            kinds = {"number": "numbers", "option": "option labels (answerN, true/false, A-E, 1-5)",
+                     "text": "texts"}
+            raise DataError(f"{len(unreadable)} of {len(splits.test)} test answers in {test_source!r} are not "
+                            f"{kinds[task.answer_kind]} (e.g. {str(unreadable[0])!r}), so --answer_kind "
+                            f"{task.answer_kind} could never count them correct. Use --answer_kind text for free-text "
+                            "answers (the generation's first line, compared as text), option for option labels, "
+                            "number for numbers.")
 
     def _encode(self, split, which: str):
         from .tasks import encode_classification, encode_instruction
@@ -833,7 +950,7 @@ class TaskRun:
                                 remove_columns=split.column_names)
             self._check_answers_fit(encoded)
             return encoded
-        split = self._with_label_ids(split)
+        split = self._with_label_ids(split, which)
         encode = lambda b: encode_classification(b, self.tokenizer, task.text_column,  # noqa: E731
                                                  task.text_pair_column, task.max_length)
         keep = {"input_ids", "attention_mask", "token_type_ids", "labels"}
@@ -874,34 +991,63 @@ class TaskRun:
                              "--max_length to hold a prompt and its answer.")
         print(f"warning: {message}; raise --max_length to keep them whole.")
 
-    def _with_label_ids(self, split):
+    def _with_label_ids(self, split, which: str):
         values = [_label_name(v) for v in split[self.task.label_column]]
+        if self.labels is not None and self.labels == [str(i) for i in range(len(self.labels))] \
+                and not all(value.lstrip("-").isdigit() for value in values):
+            # a classifier whose classes are named by their ids only, scored on named labels: the data's own order
+            # gives the ids, as for training (an adapter saved without its names does the same)
+            order = _label_order(set(values))
+            if len(order) != len(self.labels):
+                raise DataError(f"{self.task.model} names its {len(self.labels)} classes by id only, and the "
+                                f"{which} rows hold {len(order)} named labels {order[:10]}: give labels as ids "
+                                f"0..{len(self.labels) - 1}")
+            self.labels = order
         if self.labels is None:
-            self.labels = _label_order(set(values))
+            if self.base_labels and set(values) <= set(self.base_labels):
+                # the base is a classifier that names these classes: its head keeps its meaning, ids and all
+                self.labels = list(self.base_labels)
+                print(f"classes: {self.task.model}'s own, in its order ({', '.join(self.labels)}); its "
+                      "classification head is trained on from where it is")
+            else:
+                self.labels = _label_order(set(values))
             if len(self.labels) < 2:
-                raise DataError(f"label column {self.task.label_column!r} holds one class only ({self.labels}); "
-                                "a classifier needs at least two")
+                raise DataError(f"label column {self.task.label_column!r} of the {len(values)} training rows holds "
+                                f"one class only ({self.labels}); a classifier needs at least two")
             if self.head_size is not None and len(self.labels) != self.head_size:
                 raise DataError(f"the adapter's classification head has {self.head_size} outputs but "
                                 f"{self.task.label_column!r} holds {len(self.labels)} classes ({self.labels[:5]})")
         index = {label: i for i, label in enumerate(self.labels)}
         unknown = sorted(set(values) - set(index))
         if unknown:
-            raise DataError(f"labels {unknown[:5]} are not among the training labels {self.labels}")
+            source = self.task.eval_data if which == "test" and self.task.eval_data else self.task.data
+            raise DataError(f"the {which} rows of {source!r} hold labels {unknown[:5]} that are not among the "
+                            f"classes the model was trained on, {self.labels[:10]}: leave those rows out, or train "
+                            "on data that holds those classes (a class held out whole cannot be learned)")
         return split.add_column("label_id", [index[v] for v in values])
 
-    def load_base_model(self, supplied: tuple[str, ...] | None = None):
+    def load_base_model(self, supplied: tuple[str, ...] | None = None, scoring: bool = False):
         """The base model; ``supplied``: modules whose weights an adapter brings (default: a new
-        classification head, which PEFT trains and saves)."""
+        classification head, which PEFT trains and saves). ``scoring``: the model is scored as it is, so a
+        classifier whose head does not fit the classes is an error, never a new head."""
         from .models import load_causal_lm, load_classifier
 
         if not self.classification:
             return load_causal_lm(self.model_path, supplied=supplied or ())
         if self.labels is None and self.head_size is None:
             raise UsageError("the number of classes is unknown: give --data")
-        model = load_classifier(self.model_path, len(self.labels) if self.labels else self.head_size,
+        classes = len(self.labels) if self.labels else self.head_size
+        base_head = _classifier_outputs(self.model_path)
+        if scoring and base_head is not None and base_head != classes:
+            raise DataError(f"{self.task.model} is a classifier with {base_head} outputs, and the data holds "
+                            f"{classes} classes ({(self.labels or [])[:10]}); score it on data with its classes")
+        if base_head is not None and base_head != classes and supplied is None:
+            print(f"classes: {classes}; {self.task.model} is a classifier with {base_head} outputs, so its head is "
+                  f"replaced by a new {classes}-class head")
+        model = load_classifier(self.model_path, classes,
                                 supplied=("classifier", "score") if supplied is None else supplied,
-                                pad_token_id=self.tokenizer.pad_token_id)
+                                pad_token_id=self.tokenizer.pad_token_id,
+                                new_head=base_head is not None and base_head != classes)
         if self.labels:
             model.config.id2label = dict(enumerate(self.labels))
             model.config.label2id = {label: i for i, label in enumerate(self.labels)}
@@ -929,7 +1075,12 @@ class TaskRun:
                                    desc=f"generating ({stage})", per_example=per_example)
 
     def info(self) -> dict:
-        return {"task": asdict(self.task), "labels": self.labels, "test_split": self.test_split}
+        """The run record: local model and data paths absolute, so that eval and merge find them from any folder."""
+        task = asdict(self.task)
+        for name in ("model", "data", "eval_data"):
+            if task[name] and os.path.exists(task[name]):
+                task[name] = os.path.abspath(task[name])
+        return {"task": task, "labels": self.labels, "test_split": self.test_split}
 
     @property
     def _text_column(self) -> str:
@@ -944,16 +1095,33 @@ class TaskRun:
 
         column = self._text_column
         texts = test[column] if column in test.column_names else []
-        digest = hashlib.sha256(json.dumps([str(text) for text in texts]).encode()).hexdigest()[:16]
+        self.test_texts = [str(text) for text in texts]
+        digest = hashlib.sha256(json.dumps(self.test_texts).encode()).hexdigest()[:16]
         self.test_split = {"rows": len(test), "fingerprint": digest}
+
+    def training_rows_scored(self, folder: "AdapterFolder") -> int | None:
+        """How many of the rows scored are rows the adapter's run trained on (its --data, split and seed rebuilt
+        from neuroada_run.json); None where the run cannot be rebuilt (no record, its data moved)."""
+        task = folder.run_info.get("task")
+        if not task or folder.seed is None:
+            return None
+        try:
+            run = TaskRun(TaskArguments(**task), labels=folder.labels)
+            trained = run._splits(folder.seed, test_only=False).train
+        except (DataError, ModelError, UsageError, OSError, TypeError):
+            return None
+        column = run._text_column
+        texts = {str(text) for text in trained[column]} if column in trained.column_names else set()
+        return sum(text in texts for text in self.test_texts)
 
     def check_training_split(self, folder: "AdapterFolder") -> None:
         """Refuse to score a split of the training data other than the one the training run held out: its rows
         may be training rows."""
         saved = folder.run_info.get("test_split")
         task = folder.run_info.get("task", {})
-        if not saved or task.get("data") != self.task.data or task.get("eval_data") != self.task.eval_data:
-            return  # other data (the user's to keep apart), or an adapter from before the split was recorded
+        if not saved or not _same_source(task.get("data"), self.task.data) or \
+                not _same_source(task.get("eval_data"), self.task.eval_data):
+            return  # other data (training_rows_scored counts its overlap), or a run from before splits were recorded
         if saved != self.test_split:
             raise UsageError(
                 f"the test split ({self.test_split['rows']} rows) is not the one the training run held out "
@@ -963,6 +1131,13 @@ class TaskRun:
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _same_source(recorded: str | None, given: str | None) -> bool:
+    """Whether two --data values name the same data (a path recorded absolute, given relative, is the same)."""
+    if recorded is None or given is None:
+        return recorded == given
+    return recorded == given or (os.path.exists(given) and os.path.abspath(given) == recorded)
 
 
 def _label_name(value) -> str:
@@ -1183,21 +1358,40 @@ def check_output_path(path: str, flag: str, folder: bool) -> None:
 
 def _model_labels(task: TaskArguments) -> list[str] | None:
     """The class names of a classifier folder in id order (a merged or fully fine-tuned model, one from the hub),
-    so that eval scores it with its own ids; None when it names none (``LABEL_0``, ...) or is no classifier."""
+    so that eval scores it with its own ids and training keeps its head's meaning; None when it names none
+    (``LABEL_0``, ...) or is no classifier. Ids as names ("0", "1", ...) count for a classifier: its head has that
+    many outputs even where the data holds fewer classes."""
     from transformers import AutoConfig
 
     from .models import resolve_model
 
     try:
-        id2label = AutoConfig.from_pretrained(resolve_model(task.model)).id2label or {}
-    except (OSError, ValueError):
+        config = AutoConfig.from_pretrained(resolve_model(task.model))
+    except (OSError, ValueError, ModelError):
         return None
+    id2label = config.id2label or {}
     ids = sorted(id2label, key=int)
     names = [str(id2label[i]) for i in ids]
-    # transformers' placeholders (LABEL_0, ...) and ids as names ("0", "1": what the data's own order gives too)
-    if not names or all(re.fullmatch(r"LABEL_\d+", name) or name == str(i) for i, name in zip(ids, names)):
+    if not names or all(re.fullmatch(r"LABEL_\d+", name) for name in names):  # transformers' placeholders
+        return None
+    if all(name == str(i) for i, name in zip(ids, names)) and not _is_classifier(config):
         return None
     return names
+
+
+def _is_classifier(config) -> bool:
+    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
+
+
+def _classifier_outputs(path: str) -> int | None:
+    """Outputs of the classification head a model folder already has; None if it is no sequence classifier."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+    return config.num_labels if _is_classifier(config) else None
 
 
 def _default_device() -> str:

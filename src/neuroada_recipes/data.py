@@ -64,23 +64,46 @@ def load_table(source: str, seed: int = 0, size: int = 0) -> Dataset | DatasetDi
         return table.rename_columns({"sentiment": "label"}).remove_columns(["confidence"])
     if source.startswith("reasoning-gym:"):
         return arithmetic_records(source.split(":", 1)[1], size=size, seed=seed)
-    if os.path.splitext(source)[1] in (".csv", ".json", ".jsonl"):
+    extension = os.path.splitext(source)[1].lower()
+    if extension in FILE_KINDS:
         if not os.path.isfile(source):
-            raise DataError(f"data file {source!r} does not exist; give a .csv, .json or .jsonl path")
+            raise DataError(f"data file {source!r} does not exist; give a {', '.join(FILE_KINDS)} path")
         with open(source, "rb") as handle:
             if not handle.read(4096).strip():
                 raise DataError(f"data file {source!r} is empty")
-        kind = "csv" if source.endswith(".csv") else "json"
+        kind, options = FILE_KINDS[extension]
         try:
-            table = load_dataset(kind, data_files=source, split="train")
+            table = load_dataset(kind, data_files=source, split="train", **options)
         except Exception as error:  # datasets raises many kinds for unreadable files
-            raise DataError(f"cannot read {source!r} as {kind.upper()}: {error}") from error
+            raise DataError(f"cannot read {source!r} as {kind.upper()}: {_root_cause(error)}") from error
         if len(table) == 0:
             raise DataError(f"data file {source!r} holds no rows")
         return table
-    if source.startswith("glue/"):
-        return load_dataset("glue", source.split("/", 1)[1])
-    return load_dataset(source)
+    if os.path.isfile(source):
+        raise DataError(f"data file {source!r} is not one of the kinds read: {', '.join(FILE_KINDS)} (by its "
+                        "extension); convert or rename it")
+    name = source.split("/", 1)[1] if source.startswith("glue/") else source
+    try:
+        return load_dataset("glue", name) if source.startswith("glue/") else load_dataset(source)
+    except Exception as error:  # offline, an unknown name, a gated set: datasets raises many kinds
+        raise DataError(f"cannot load the data set {source!r} from the hub ({_root_cause(error)}); give a local "
+                        f"{', '.join(FILE_KINDS)} file, or check the name and the connection") from error
+
+
+# local data files by extension (case ignored): the datasets builder and its options
+FILE_KINDS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
+              ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error's message (datasets wraps a file's real problem, such as a bad byte or line, in
+    "An error occurred while generating the dataset"), with the fix for the common one."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    if isinstance(error, UnicodeDecodeError) or "utf8" in message.lower().replace("-", ""):
+        message += "; save the file as UTF-8"
+    return message
 
 
 def arithmetic_records(name: str, size: int, seed: int) -> Dataset:
@@ -127,13 +150,11 @@ def _evaluate(expression: str) -> int:
     return walk(ast.parse(expression, mode="eval").body)
 
 
-def require_columns(table: Dataset, columns: list[str], source: str) -> None:
+def require_columns(table: Dataset, columns: list[str], source: str,
+                    hint: str = "Name the right one with --text_column / --text_pair_column / --label_column.") -> None:
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise DataError(
-            f"{source!r} has no column {missing[0]!r}; its columns are {table.column_names}. Name the right one "
-            "with --text_column / --text_pair_column / --label_column."
-        )
+        raise DataError(f"{source!r} has no column {missing[0]!r}; its columns are {table.column_names}. {hint}")
 
 
 def drop_unlabelled(table: Dataset, column: str, source: str) -> tuple[Dataset, int]:
@@ -167,7 +188,7 @@ def deduplicated_split(table: Dataset, key: str | tuple[str, ...], test_size: in
     seen: set = set()
     keep = []
     for index, (head, value) in enumerate(zip(first, values)):
-        if value not in seen and head not in (None, ""):
+        if value not in seen and head is not None and str(head).strip():  # (a blank text is no example)
             seen.add(value)
             keep.append(index)
     table = table.select(keep).shuffle(seed=seed)

@@ -56,19 +56,22 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_classifier(path: str, num_labels: int, supplied: tuple[str, ...] = (), pad_token_id: int | None = None):
+def load_classifier(path: str, num_labels: int, supplied: tuple[str, ...] = (), pad_token_id: int | None = None,
+                    new_head: bool = False):
     """``supplied``: modules whose weights come from elsewhere (the adapter's new head), so transformers' report
     that the checkpoint lacks them is expected and not shown. ``pad_token_id``: the tokenizer's, which a decoder
     classifier needs to find each row's last real token (with another id it reads padding, and its predictions
     change with the batch). Loaded in float32 whatever the checkpoint's dtype, as causal models are: the new head is
-    trained at full precision (``--bf16`` makes the compute bf16)."""
+    trained at full precision (``--bf16`` makes the compute bf16). ``new_head``: the folder is a classifier with
+    another number of classes; its head is replaced by a new one (transformers' ``ignore_mismatched_sizes``)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     try:
         with _expected_missing_weights(supplied):
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                       dtype=torch.float32)
+                                                                       dtype=torch.float32,
+                                                                       ignore_mismatched_sizes=new_head)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load {path!r} as a sequence classifier: {error}") from error
     if pad_token_id is not None:

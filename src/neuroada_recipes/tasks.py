@@ -115,8 +115,9 @@ def encode_instruction(record, tokenizer, max_length):
 
 def extract_answer(text: str, kind: str, expected: str | None = None) -> str | None:
     """The answer a generation gives, read up to the first prompt section header it writes ("### Instruction:",
-    "### Input:", "### Response:"): the last number (``kind="number"``; ``expected`` is not used) or the first
-    option label, lower-case. ``expected``, the record's answer, says which kind of option label to read: its
+    "### Input:", "### Response:"): the last number (``kind="number"``; ``expected`` is not used), its first
+    non-empty line as text (``kind="text"``, normalised by :func:`normalised_text`) or the first option label,
+    lower-case. ``expected``, the record's answer, says which kind of option label to read: its
     answerN / solutionN / optionN / endingN token, true/false, a letter A-E or a number 1-5 (without it: the first
     of these kinds that the generation holds)."""
     text = NEW_SECTION.split(text, maxsplit=1)[0]
@@ -126,6 +127,9 @@ def extract_answer(text: str, kind: str, expected: str | None = None) -> str | N
             return None
         value = float(numbers[-1].replace(",", ""))
         return str(int(value)) if value.is_integer() else str(value)
+    if kind == "text":
+        lines = [line for line in text.splitlines() if line.strip()]
+        return normalised_text(lines[0]) if lines else None
     expected = str(expected).strip().lower() if expected is not None else ""
     token = OPTION_TOKEN.fullmatch(expected)
     if token:  # the first token of the answer's kind, as LLM-Adapters' evaluation reads it
@@ -164,9 +168,36 @@ def _option_number(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def normalised_text(text: str) -> str:
+    """A free-text answer as compared: case-folded, inner whitespace collapsed, without surrounding quotes and a
+    final full stop, exclamation or question mark ("Paris." and "paris" are the same answer)."""
+    text = " ".join(str(text).split()).casefold()
+    return text.strip("\"'`").rstrip(".!?").strip()
+
+
+def answer_readable(answer, kind: str) -> bool:
+    """Whether a record's ``answer`` can ever match what ``extract_answer`` reads with ``kind``: a number for
+    "number", a label of a known kind for "option" (answerN/solutionN/optionN/endingN, true/false, A-E, 1-5),
+    any non-empty text for "text"."""
+    answer = "" if answer is None else str(answer).strip()
+    if kind == "number":
+        try:
+            float(answer.replace(",", ""))
+            return True
+        except ValueError:
+            return False
+    if kind == "option":
+        answer = answer.lower()
+        return bool(OPTION_TOKEN.fullmatch(answer)) or answer in ("true", "false", "a", "b", "c", "d", "e") or \
+            answer in ("1", "2", "3", "4", "5")
+    return bool(normalised_text(answer))
+
+
 def answers_match(predicted: str | None, expected: str, kind: str) -> bool:
     if predicted is None:
         return False
+    if kind == "text":
+        return predicted == normalised_text(expected)
     if kind == "number":
         try:
             return abs(float(predicted) - float(str(expected).replace(",", ""))) < 1e-6
