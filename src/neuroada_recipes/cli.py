@@ -257,8 +257,10 @@ def check_checkpoint_matches(checkpoint: str, task: TaskArguments, adapter: Adap
             if name in record["adapter"] and record["adapter"][name] != value:
                 differ.append(f"--{name} {value} (the checkpoint's: {record['adapter'][name]})")
         for name, value in asdict(task).items():
-            if name not in ("evaluate_before", "recipe") and name in record["task"] and record["task"][name] != value:
-                differ.append(f"--{name} {value} (the checkpoint's: {record['task'][name]})")
+            recorded = record["task"].get(name, value)
+            same = _same_path(recorded, value) if name in ("model", "data", "eval_data") else recorded == value
+            if name not in ("evaluate_before", "recipe") and not same:
+                differ.append(f"--{name} {value} (the checkpoint's: {recorded})")
         recorded_seed = record.get("training", {}).get("seed")
         if recorded_seed is not None and recorded_seed != training.seed:
             differ.append(f"--seed {training.seed} (the checkpoint's: {recorded_seed})")
@@ -1119,8 +1121,8 @@ class TaskRun:
         may be training rows."""
         saved = folder.run_info.get("test_split")
         task = folder.run_info.get("task", {})
-        if not saved or not _same_source(task.get("data"), self.task.data) or \
-                not _same_source(task.get("eval_data"), self.task.eval_data):
+        if not saved or not _same_path(task.get("data"), self.task.data) or \
+                not _same_path(task.get("eval_data"), self.task.eval_data):
             return  # other data (training_rows_scored counts its overlap), or a run from before splits were recorded
         if saved != self.test_split:
             raise UsageError(
@@ -1133,11 +1135,11 @@ class TaskRun:
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 
-def _same_source(recorded: str | None, given: str | None) -> bool:
-    """Whether two --data values name the same data (a path recorded absolute, given relative, is the same)."""
-    if recorded is None or given is None:
-        return recorded == given
-    return recorded == given or (os.path.exists(given) and os.path.abspath(given) == recorded)
+def _same_path(first: str | None, second: str | None) -> bool:
+    """Whether two --model/--data values name the same thing (paths compared absolute, from this folder)."""
+    if first is None or second is None or first == second:
+        return first == second
+    return os.path.exists(first) and os.path.exists(second) and os.path.samefile(first, second)
 
 
 def _label_name(value) -> str:
