@@ -260,3 +260,23 @@ def test_a_model_cast_to_float64_after_the_adapter_was_added_is_exact():
     merged = weight_as_rows(layer).clone()
     merged.scatter_add_(1, layer.neuroada_indices["default"].long(), layer.neuroada_delta["default"].detach())
     torch.testing.assert_close(layer(x).detach(), x @ merged.T + layer.get_base_layer().bias, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cast, expected", [(lambda m: m.half(), torch.float32),
+                                            (lambda m: m.to(torch.bfloat16), torch.float32),
+                                            (lambda m: m.double(), torch.float64),
+                                            (lambda m: m.double().float(), torch.float32)])
+def test_casting_the_model_keeps_the_deltas_at_their_precision(cast, expected):
+    """model.half() / .to(bf16) after get_peft_model cast every parameter, deltas too, so that small updates were
+    rounded away in training; the deltas now keep float32 (float64 on a float64 base), in the same Parameter (an
+    optimizer made before the cast still holds it), trainable, with their values."""
+    layer = make_layer("linear")
+    delta = layer.neuroada_delta["default"]
+    values = delta.detach().clone()
+    cast(layer)
+    assert layer.neuroada_delta["default"] is delta
+    assert delta.dtype == expected and delta.requires_grad
+    torch.testing.assert_close(delta.detach().float(), values, atol=0, rtol=0)
+    x = torch.randn(4, 24, dtype=layer.get_base_layer().weight.dtype)
+    layer(x).float().sum().backward()
+    assert delta.grad is not None and delta.grad.dtype == expected

@@ -612,7 +612,19 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         # copies freed now rather than kept on the old device.
         self._patterns.clear()
         self._selection_keys.clear()
-        return super()._apply(fn, *args, **kwargs)
+        kept = {name: (delta.data, delta.grad) for name, delta in self.neuroada_delta.items()}
+        result = super()._apply(fn, *args, **kwargs)
+        # .half() / .to(bf16) cast the deltas too, and training would round small updates away: they keep the
+        # dtype they have on this base, with their values as they were (in place: an optimizer holds the Parameter)
+        target = delta_dtype_for(self.get_base_layer().weight)
+        for name, delta in self.neuroada_delta.items():
+            data, grad = kept.get(name, (None, None))
+            if delta.dtype == target or data is None or delta.is_meta or not delta.dtype.is_floating_point:
+                continue
+            delta.data = data.to(device=delta.device, dtype=target)
+            if grad is not None:
+                delta.grad = grad.to(device=delta.device, dtype=target)
+        return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if "_hf_hook" in vars(self.neuroada_delta) or "_hf_hook" in vars(self.neuroada_indices):
