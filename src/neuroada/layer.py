@@ -564,11 +564,16 @@ def _shared_rows(adapter_names: tuple[str, ...], names: tuple[str, ...], device:
 def _merged_value(original: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
     """W[i, idx] + delta (``sign=-1``: minus), summed in float32 (float64 if either is) and cast once to the weight's
     dtype."""
+    delta = delta.detach()
+    if original.dtype is delta.dtype and original.dtype in _EXACT_SUM_DTYPES:  # (casts would cost more than the add)
+        return original + delta if sign > 0 else original - delta
     weight_dtype, dtype = original.dtype, accumulation_dtype(original, delta)
-    delta = delta.detach().to(original.device, dtype)  # (no copies where both are in dtype: they cost more than the add)
-    original = original.to(dtype)
+    delta, original = delta.to(original.device, dtype), original.to(dtype)
     summed = original + delta if sign > 0 else original - delta
     return summed.to(weight_dtype)
+
+
+_EXACT_SUM_DTYPES = (torch.float32, torch.float64)  # summed as they are, no wider dtype to sum in
 
 
 def _in_backward() -> bool:
