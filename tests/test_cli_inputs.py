@@ -427,3 +427,11 @@ def test_the_run_record_holds_absolute_paths_so_eval_works_from_anywhere(tmp_pat
     code, out, _ = run_cli(["eval", "--adapter", "work/run/adapter", "--output", "m.json"])
     assert code == 0, out
     assert read_json(tmp_path / "m.json")["examples_scored"] == 12
+
+
+def test_a_label_column_of_scores_is_not_taken_for_classes(tmp_path, tiny_encoder, capsys):
+    data = tmp_path / "scores.csv"
+    data.write_text("text,label\n" + "".join(f"review number {i},{(i * 37 % 100) / 10:.1f}\n" for i in range(60)))
+    assert main(train_flags(tiny_encoder, str(data), tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "a score or an id, not classes" in err and not (tmp_path / "run").exists()

@@ -152,3 +152,22 @@ def test_a_deep_copy_of_a_calibrated_adapter_is_still_judged_as_data_aware():
     # 2e-3: allowed for a data-aware selection (down to 3e-4 at k=1), warned about for magnitude (below 3e-3)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     assert _caught(model, optimizer) == []
+
+
+def test_deltas_replaced_without_a_forward_are_still_judged():
+    """FSDP2 (fully_shard) replaces each Parameter by a sharded DTensor one, which the optimizer then holds and no
+    forward ever marks (the forward sees the unsharded one): such deltas are found through the layers that hold
+    them. Simulated by replacing the Parameters the same way, by assignment."""
+    from neuroada import NeuroAdaLayer
+
+    model = _model(k=1)
+    for layer in [m for m in model.modules() if isinstance(m, NeuroAdaLayer)]:
+        old = layer.neuroada_delta["default"]
+        layer.neuroada_delta["default"] = torch.nn.Parameter(old.detach().clone())
+    deltas = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(deltas, lr=2e-4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deltas[0].grad = torch.zeros_like(deltas[0])
+        optimizer.step()  # the first step, before any forward
+    assert [w for w in caught if issubclass(w.category, NeuroAdaLearningRateWarning)]

@@ -289,12 +289,19 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.bypass_backend[adapter_name] = config.bypass_backend
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def current_deltas(self):
+        """(Parameter, k, data_aware) of each delta this layer holds now, for the learning-rate check (which finds
+        deltas this way too when their Parameter was replaced without being marked: FSDP2 shards them)."""
+        for name, delta in self.neuroada_delta.items():
+            yield delta, delta.shape[1], self._data_aware.get(name, False)
+
     def _track_delta(self, adapter_name: str) -> None:
         """Attach to the delta Parameter what finds it there: its k for the learning-rate check, and the hook that
         ends the input-sharing decision. Again whenever the Parameter object was replaced (a load with
         ``assign=True``, as ``low_cpu_mem_usage`` does, or ``copy.deepcopy``), which forward checks."""
         delta = self.neuroada_delta[adapter_name]
         learning_rate.track_delta(delta, delta.shape[1], self._data_aware.get(adapter_name, False))
+        learning_rate.watch_holder(self)
         if delta.requires_grad:  # (a frozen delta, loaded for inference, gets no gradient to hook)
             layer = weakref.ref(self)
             delta.register_post_accumulate_grad_hook(lambda _: layer() is not None and layer().end_input_learning())

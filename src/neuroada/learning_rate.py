@@ -34,6 +34,10 @@ _DATA_AWARE_ATTRIBUTE = "_neuroada_data_aware"  # and whether its selection was 
 # the rule (docs/results.md): their check allows that much more.
 DATA_AWARE_RATE_FACTOR = 10.0
 _checked_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+# Objects (the NeuroAda layers) whose ``current_deltas()`` yields (parameter, k, data_aware) for the deltas they hold
+# now: asked at each optimizer's first step, so that a delta whose Parameter object was replaced without being
+# marked (FSDP2's sharded DTensor parameters, a user's assignment) is still judged.
+_delta_holders: "weakref.WeakSet" = weakref.WeakSet()
 _hook_handle = None
 
 
@@ -75,17 +79,37 @@ def is_tracked(parameter: torch.nn.Parameter) -> bool:
     return hasattr(parameter, _K_ATTRIBUTE)
 
 
+def watch_holder(holder) -> None:
+    """Ask ``holder.current_deltas()`` for its deltas at each optimizer's first step (see ``_delta_holders``)."""
+    _delta_holders.add(holder)
+
+
+def _held_deltas() -> dict[int, tuple[int, bool]]:
+    """id of each delta Parameter the watched holders hold now -> (k, data_aware)."""
+    held = {}
+    for holder in list(_delta_holders):
+        for parameter, k, data_aware in holder.current_deltas():
+            held[id(parameter)] = (k, data_aware)
+    return held
+
+
 def _check_learning_rate(optimizer, args, kwargs) -> None:
     if optimizer in _checked_optimizers:  # the only cost on every later step
         return
     _checked_optimizers.add(optimizer)
+    held = None
     for group in optimizer.param_groups:
-        deltas = [p for p in group["params"] if hasattr(p, _K_ATTRIBUTE)]
         rate = _peak_rate(group)
-        if not deltas or rate is None:
+        if rate is None:
             continue
-        k = max(getattr(p, _K_ATTRIBUTE) for p in deltas)
-        data_aware = any(getattr(p, _DATA_AWARE_ATTRIBUTE, False) for p in deltas)
+        if held is None:
+            held = _held_deltas()
+        deltas = [(getattr(p, _K_ATTRIBUTE), getattr(p, _DATA_AWARE_ATTRIBUTE, False)) if hasattr(p, _K_ATTRIBUTE)
+                  else held[id(p)] for p in group["params"] if hasattr(p, _K_ATTRIBUTE) or id(p) in held]
+        if not deltas:
+            continue
+        k = max(k for k, _ in deltas)
+        data_aware = any(aware for _, aware in deltas)
         suggested = suggested_learning_rate(k)  # the lower of the two forms: warn only where both agree
         floor = suggested / DATA_AWARE_RATE_FACTOR if data_aware else suggested
         if rate * LOW_RATE_FACTOR < floor:

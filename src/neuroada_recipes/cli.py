@@ -1016,6 +1016,11 @@ class TaskRun:
             if len(self.labels) < 2:
                 raise DataError(f"label column {self.task.label_column!r} of the {len(values)} training rows holds "
                                 f"one class only ({self.labels}); a classifier needs at least two")
+            if len(self.labels) > max(10, len(values) // 2):  # most rows a class of their own: not classes
+                raise DataError(f"label column {self.task.label_column!r} holds {len(self.labels)} distinct values "
+                                f"in {len(values)} training rows (e.g. {self.labels[:3]}): a score or an id, not "
+                                "classes (neuroada train classifies). Name the column of classes with "
+                                "--label_column, or bin the scores into classes first.")
             if self.head_size is not None and len(self.labels) != self.head_size:
                 raise DataError(f"the adapter's classification head has {self.head_size} outputs but "
                                 f"{self.task.label_column!r} holds {len(self.labels)} classes ({self.labels[:5]})")
