@@ -300,7 +300,10 @@ def test_a_max_length_beyond_the_models_positions_is_lowered_to_them(tmp_path, t
     code, out, _ = run_cli(train_flags(tiny_encoder, str(long), tmp_path / "run", "--max_length", "1000"))
     assert code == 0, out
     assert "max length: 64 tokens, all the positions" in out
-    assert read_json(tmp_path / "run" / "adapter" / "neuroada_run.json")["task"]["max_length"] == 64
+    # the same command resumes: the run records the flag as given
+    code, out, _ = run_cli(train_flags(tiny_encoder, str(long), tmp_path / "run", "--max_length", "1000",
+                                       "--max_steps", "3", "--resume_from_checkpoint", "last"))
+    assert code == 0, out
 
 
 @pytest.mark.parametrize("targets, message", [
@@ -435,3 +438,63 @@ def test_a_label_column_of_scores_is_not_taken_for_classes(tmp_path, tiny_encode
     assert main(train_flags(tiny_encoder, str(data), tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert "a score or an id, not classes" in err and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------- found by a review of the fixes above
+
+
+def test_integer_training_labels_and_named_eval_labels_are_refused_not_relabelled(tmp_path, tiny_encoder, capsys):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"good thing {i},0\nbad thing {i},1\n" for i in range(30)))
+    named = tmp_path / "named.csv"
+    named.write_text("text,label\nanother good one,positive\nanother bad one,negative\n")
+    assert main(train_flags(tiny_encoder, str(train), tmp_path / "run", "--eval_data", str(named))) == 2
+    assert "not among the classes the model was trained on, ['0', '1']" in capsys.readouterr().err
+
+
+def test_a_run_resumes_from_another_folder_with_relative_paths(tmp_path, tiny_encoder, sentiment, monkeypatch):
+    import shutil
+
+    work = tmp_path / "a"
+    (work / "sub").mkdir(parents=True)
+    shutil.copy(sentiment, work / "data.csv")
+    monkeypatch.chdir(work)
+    assert run_cli(train_flags(tiny_encoder, "data.csv", "run"))[0] == 0
+    monkeypatch.chdir(work / "sub")
+    code, out, _ = run_cli(train_flags(tiny_encoder, "../data.csv", "../run", "--max_steps", "3",
+                                       "--resume_from_checkpoint", "last"))
+    assert code == 0, out
+
+
+def test_a_run_that_stopped_before_training_leaves_its_folder_free(tmp_path, tiny_encoder, sentiment, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="torchdistx"):  # transformers' own error, once the Trainer is made
+        main(train_flags(tiny_encoder, sentiment, run, "--optim", "adamw_anyprecision"))
+    assert os.listdir(run) == ["config.json"]  # (the premise: only the start record was written)
+    code, out, _ = run_cli(train_flags(tiny_encoder, sentiment, run))
+    assert code == 0, out
+
+
+def test_answers_that_can_never_match_are_counted_and_warned_about_when_few():
+    from neuroada_recipes.tasks import answer_readable
+
+    assert answer_readable("1,234", "number") and answer_readable("-3", "number") and answer_readable(".5", "number")
+    assert not answer_readable("1/2", "number") and not answer_readable("nan", "number")
+    assert not answer_readable("", "text") and answer_readable("Paris.", "text")
+    assert answer_readable("answer2", "option") and answer_readable("B", "option") and answer_readable("4", "option")
+    assert not answer_readable("7", "option") and not answer_readable("red", "option")
+
+
+def test_a_few_unreadable_answers_warn_and_count_as_wrong(tmp_path, tiny_llama_dir):
+    import re
+
+    records = [{"instruction": f"Calculate {a} + 1.", "input": "", "output": str(a + 1),
+                "answer": "1/2" if a % 6 == 0 else str(a + 1)} for a in range(60)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, _ = run_cli(["train", "--model", tiny_llama_dir, "--task", "instruction", "--data", str(path),
+                            "--test_size", "20", "--max_length", "48", "--max_new_tokens", "3",
+                            "--max_steps", "1", "--evaluate_before", "false", "--output_dir", str(tmp_path / "run")])
+    assert code == 0, out
+    assert re.search(r"[1-9]\d* of 20 test answers .* are not numbers \(e.g. '1/2'\)", out)
+    assert "they count as wrong" in out

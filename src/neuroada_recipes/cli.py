@@ -206,7 +206,8 @@ def check_train_arguments(task: TaskArguments, adapter: AdapterArguments, run: R
     check_output_path(output, "--output_dir", folder=True)
     checkpoint = resolve_checkpoint(training)
     inside = checkpoint is not None and _is_inside(checkpoint, output)
-    if os.path.isdir(output) and os.listdir(output) and not (run.overwrite_output_dir or inside):
+    if os.path.isdir(output) and os.listdir(output) and not (run.overwrite_output_dir or inside
+                                                              or _holds_only_a_start_record(output)):
         held = ", ".join(sorted(os.listdir(output))[:4])
         raise UsageError(f"--output_dir {output!r} already holds a run ({held}); pass --overwrite_output_dir to "
                          "replace it, or choose another --output_dir" + (
@@ -217,6 +218,10 @@ def check_train_arguments(task: TaskArguments, adapter: AdapterArguments, run: R
                          f"continues ({checkpoint}); leave it out to continue that run")
     if checkpoint is not None:
         check_checkpoint_matches(checkpoint, task, adapter, training)
+
+
+# flags a resumed run may change: they touch neither the adapter nor the data it trains on (evaluation, memory)
+RESUME_FREE = ("evaluate_before", "recipe", "answer_kind", "max_new_tokens", "calibration_memory_mb")
 
 
 def resolve_checkpoint(training) -> str | None:
@@ -254,12 +259,12 @@ def check_checkpoint_matches(checkpoint: str, task: TaskArguments, adapter: Adap
     record = _read_json(record_path, "the checkpoint's run record") if os.path.isfile(record_path) else {}
     if isinstance(record, dict) and {"task", "adapter"} <= set(record):
         for name, value in asdict(adapter).items():
-            if name in record["adapter"] and record["adapter"][name] != value:
+            if name not in RESUME_FREE and name in record["adapter"] and record["adapter"][name] != value:
                 differ.append(f"--{name} {value} (the checkpoint's: {record['adapter'][name]})")
         for name, value in asdict(task).items():
             recorded = record["task"].get(name, value)
             same = _same_path(recorded, value) if name in ("model", "data", "eval_data") else recorded == value
-            if name not in ("evaluate_before", "recipe") and not same:
+            if name not in RESUME_FREE and not same:
                 differ.append(f"--{name} {value} (the checkpoint's: {recorded})")
         recorded_seed = record.get("training", {}).get("seed")
         if recorded_seed is not None and recorded_seed != training.seed:
@@ -275,12 +280,31 @@ def check_checkpoint_matches(checkpoint: str, task: TaskArguments, adapter: Adap
                          + "; ".join(differ) + ". Resume with the checkpoint's settings, or start a new run.")
 
 
+def _holds_only_a_start_record(output_dir: str) -> bool:
+    """Whether ``output_dir`` holds nothing but the config.json a run writes before training: that run stopped
+    before its first step (a bad optimizer flag, an interrupt), so the folder is free to use."""
+    if os.listdir(output_dir) != ["config.json"]:
+        return False
+    try:
+        with open(os.path.join(output_dir, "config.json")) as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and set(record) == {"task", "adapter", "training"}
+
+
 def _is_inside(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
 
 
 RUN_FILES = ("adapter", "config.json", "metrics.json", "log_history.json")  # and checkpoint-N: what a run writes
+
+
+def _run_file(output_dir: str, path: str) -> bool:
+    """Whether ``path`` is one a run writes into ``output_dir`` (its adapter, checkpoints and records)."""
+    top = os.path.relpath(path, output_dir).split(os.sep)[0]
+    return top in RUN_FILES or re.fullmatch(r"checkpoint-\d+", top) is not None
 
 
 def clear_previous_run(output_dir: str) -> list[str]:
@@ -291,7 +315,7 @@ def clear_previous_run(output_dir: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
         path = os.path.join(output_dir, name)
-        if name in RUN_FILES or re.fullmatch(r"checkpoint-\d+", name):
+        if _run_file(output_dir, path):
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             else:
@@ -368,10 +392,11 @@ def train_command(argv: list[str]) -> int:
             removed = clear_previous_run(training.output_dir)
             if removed:
                 print(f"replacing the earlier run in {training.output_dir}: removed {', '.join(removed)}")
-        existing = file_states(training.output_dir)
+        existing = {path: state for path, state in file_states(training.output_dir).items()
+                    if not _run_file(training.output_dir, path)}  # (a resumed run's files are its own)
         # the run's settings, before training: a resumed run is checked against them (check_checkpoint_matches)
         _write_json(os.path.join(training.output_dir, "config.json"),
-                    {"task": asdict(task), "adapter": asdict(adapter_args), "training": training.to_dict()})
+                    {"task": run.info()["task"], "adapter": asdict(adapter_args), "training": training.to_dict()})
     trainer = Trainer(model=model, args=training, train_dataset=train_set, data_collator=run.collator,
                       processing_class=run.tokenizer)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
@@ -392,7 +417,7 @@ def train_command(argv: list[str]) -> int:
         write_model_card(adapter_dir, run=run, config=model.peft_config[model.active_adapter], command=command,
                          metrics=metrics, training=training, targets=adapter_args.target_modules)
         _write_json(os.path.join(training.output_dir, "config.json"),
-                    {"task": asdict(task), "adapter": asdict(adapter_args), "training": training.to_dict()})
+                    {"task": run.info()["task"], "adapter": asdict(adapter_args), "training": training.to_dict()})
         _write_json(os.path.join(training.output_dir, "log_history.json"), trainer.state.log_history)
         _write_json(os.path.join(training.output_dir, "metrics.json"), metrics)
         respect_umask(training.output_dir, existing)
@@ -552,7 +577,8 @@ def eval_command(argv: list[str]) -> int:
         raise UsageError("give --data: " + ("the adapter folder records no data (it was not written by "
                                             "neuroada train)" if folder else "the data to score the model on"))
     labels = folder.labels if folder else _model_labels(task) if task.task == "classification" else None
-    run = TaskRun(task, labels=labels, head_size=folder.head_size() if folder else None)
+    ids_only = not folder and labels is not None and labels == [str(i) for i in range(len(labels))]
+    run = TaskRun(task, labels=labels, head_size=folder.head_size() if folder else None, labels_are_ids=ids_only)
     seed = eval_args.seed if eval_args.seed is not None else (folder.seed if folder else None)
     seed = 42 if seed is None else seed
     test_set = run.prepare_test(seed)
@@ -757,11 +783,12 @@ class TaskRun:
     """Data, model and evaluation of one task, shared by train, eval and merge."""
 
     def __init__(self, task: TaskArguments, labels: list[str] | None = None, head_size: int | None = None,
-                 base_labels: list[str] | None = None):
+                 base_labels: list[str] | None = None, labels_are_ids: bool = False):
         """``labels``: the class names in id order, when known (an adapter's, a classifier's being scored);
         ``base_labels``: those of a base model that is already a classifier, reused for training when they name
         every class of the data (its head then keeps its meaning); ``head_size``: outputs of an adapter's head
-        whose names are unknown."""
+        whose names are unknown; ``labels_are_ids``: ``labels`` are a classifier's ids ("0", "1", ...) that name
+        nothing (a model scored as it is), so data with named labels takes its own sorted order as the ids."""
         from .models import load_tokenizer, resolve_model
 
         if task.task not in ("classification", "instruction"):
@@ -769,6 +796,7 @@ class TaskRun:
         self.task = task
         self.labels = labels
         self.base_labels = base_labels
+        self.labels_are_ids = labels_are_ids
         self.head_size = head_size  # outputs of an adapter's saved head, when its label names are unknown
         self.split_text = ""
         self.test_split = None
@@ -776,6 +804,7 @@ class TaskRun:
         self.model_path = resolve_model(task.model)
         self.tokenizer = load_tokenizer(self.model_path)
         self.classification = task.task == "classification"
+        self.max_length = task.max_length  # what examples are cut at: the flag, or the model's positions if fewer
         self._check_max_length()
         self.peft_task_type = PEFT_TASK_TYPES[task.task]
         self.metric_name = "accuracy" if self.classification else "exact_match"
@@ -814,7 +843,7 @@ class TaskRun:
         if isinstance(positions, int) and task.max_length > positions:  # (a longer example would fail the forward)
             print(f"max length: {positions} tokens, all the positions {task.model} has (--max_length "
                   f"{task.max_length} is more)")
-            task.max_length = positions
+            self.max_length = positions
 
     def prepare_data(self, seed: int):
         """Tokenized train and test sets (the test set of instruction tasks stays raw, for generation)."""
@@ -865,7 +894,7 @@ class TaskRun:
                 rows, dropped = len(table), 0
                 target = task.label_column if self.classification else "output"
                 if target in table.column_names:  # (an empty output would train on the text "None")
-                    table, dropped = drop_unlabelled(table, target, task.data)
+                    table, dropped = drop_unlabelled(table, target, task.data, self._column_hint)
                 # with --eval_data nothing of --data is held out: the eval file is the test split
                 test_size = 0 if task.eval_data else task.test_size
                 splits = deduplicated_split(table, key, test_size, task.train_size, seed, test_only=test_only)
@@ -900,7 +929,7 @@ class TaskRun:
         require_columns(table, [text, target] + ([task.text_pair_column] if self.classification and
                                                  task.text_pair_column else []), source, self._column_hint)
         rows = len(table)
-        table, unlabelled = drop_unlabelled(table, target, source)
+        table, unlabelled = drop_unlabelled(table, target, source, self._column_hint)
         keep = [i for i, value in enumerate(table[text]) if value is not None and str(value).strip()]
         if len(keep) < len(table):
             table = table.select(keep)
@@ -935,11 +964,13 @@ class TaskRun:
         if unreadable:
             kinds = {"number": "numbers", "option": "option labels (answerN, true/false, A-E, 1-5)",
                      "text": "texts"}
-            raise DataError(f"{len(unreadable)} of {len(splits.test)} test answers in {test_source!r} are not "
-                            f"{kinds[task.answer_kind]} (e.g. {str(unreadable[0])!r}), so --answer_kind "
-                            f"{task.answer_kind} could never count them correct. Use --answer_kind text for free-text "
-                            "answers (the generation's first line, compared as text), option for option labels, "
-                            "number for numbers.")
+            message = (f"{len(unreadable)} of {len(splits.test)} test answers in {test_source!r} are not "
+                       f"{kinds[task.answer_kind]} (e.g. {str(unreadable[0])!r}), so --answer_kind {task.answer_kind} "
+                       "could never count them correct")
+            if 2 * len(unreadable) > len(splits.test):  # the wrong kind for this data
+                raise DataError(f"{message}. Use --answer_kind text for free-text answers (the generation's first "
+                                "line, compared as text), option for option labels, number for numbers.")
+            print(f"warning: {message}: they count as wrong. Fix those answers, or choose another --answer_kind.")
 
     def _encode(self, split, which: str):
         from .tasks import encode_classification, encode_instruction
@@ -948,13 +979,13 @@ class TaskRun:
         if not self.classification:
             if which == "test":
                 return split  # raw records, for generation
-            encoded = split.map(lambda r: encode_instruction(r, self.tokenizer, task.max_length),
+            encoded = split.map(lambda r: encode_instruction(r, self.tokenizer, self.max_length),
                                 remove_columns=split.column_names)
             self._check_answers_fit(encoded)
             return encoded
         split = self._with_label_ids(split, which)
         encode = lambda b: encode_classification(b, self.tokenizer, task.text_column,  # noqa: E731
-                                                 task.text_pair_column, task.max_length)
+                                                 task.text_pair_column, self.max_length)
         keep = {"input_ids", "attention_mask", "token_type_ids", "labels"}
         split = split.map(encode, batched=True).rename_column("label_id", "labels")
         return split.remove_columns([c for c in split.column_names if c not in keep])
@@ -987,7 +1018,7 @@ class TaskRun:
             return
         empty = sum(1 for row in labels if all(label == -100 for label in row))
         message = (f"{cut} of {len(labels)} training examples lose (part of) their answer to --max_length "
-                   f"{self.task.max_length}" + (f", {empty} of them all of it" if empty else ""))
+                   f"{self.max_length}" + (f", {empty} of them all of it" if empty else ""))
         if cut == len(labels):
             raise UsageError(f"{message}: training would teach nothing, or to stop before the answer. Raise "
                              "--max_length to hold a prompt and its answer.")
@@ -995,8 +1026,7 @@ class TaskRun:
 
     def _with_label_ids(self, split, which: str):
         values = [_label_name(v) for v in split[self.task.label_column]]
-        if self.labels is not None and self.labels == [str(i) for i in range(len(self.labels))] \
-                and not all(value.lstrip("-").isdigit() for value in values):
+        if self.labels_are_ids and not all(value.lstrip("-").isdigit() for value in values):
             # a classifier whose classes are named by their ids only, scored on named labels: the data's own order
             # gives the ids, as for training (an adapter saved without its names does the same)
             order = _label_order(set(values))
@@ -1005,6 +1035,8 @@ class TaskRun:
                                 f"{which} rows hold {len(order)} named labels {order[:10]}: give labels as ids "
                                 f"0..{len(self.labels) - 1}")
             self.labels = order
+            print(f"classes: {self.task.model} names them by id only; the data's labels in sorted order take ids "
+                  f"0..{len(order) - 1} ({', '.join(order)})")
         if self.labels is None:
             if self.base_labels and set(values) <= set(self.base_labels):
                 # the base is a classifier that names these classes: its head keeps its meaning, ids and all
@@ -1013,6 +1045,9 @@ class TaskRun:
                       "classification head is trained on from where it is")
             else:
                 self.labels = _label_order(set(values))
+                if self.base_labels:
+                    print(f"classes: {self.task.model}'s own ({', '.join(self.base_labels[:10])}) do not name the "
+                          f"data's labels, which take ids in sorted order ({', '.join(self.labels[:10])})")
             if len(self.labels) < 2:
                 raise DataError(f"label column {self.task.label_column!r} of the {len(values)} training rows holds "
                                 f"one class only ({self.labels}); a classifier needs at least two")

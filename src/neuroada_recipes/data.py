@@ -157,14 +157,14 @@ def require_columns(table: Dataset, columns: list[str], source: str,
         raise DataError(f"{source!r} has no column {missing[0]!r}; its columns are {table.column_names}. {hint}")
 
 
-def drop_unlabelled(table: Dataset, column: str, source: str) -> tuple[Dataset, int]:
+def drop_unlabelled(table: Dataset, column: str, source: str,
+                    hint: str = "Name the column that holds them with --label_column.") -> tuple[Dataset, int]:
     """``table`` without the rows whose ``column`` is missing, NaN or blank (an empty CSV cell would otherwise
     become a class of its own), and how many were dropped."""
     keep = [index for index, value in enumerate(table[column])
             if not (value is None or value != value or (isinstance(value, str) and not value.strip()))]
     if not keep:
-        raise DataError(f"{source!r} has no labels in its label column {column!r}; name the column that holds "
-                        "them with --label_column")
+        raise DataError(f"{source!r} has no values in its column {column!r}. {hint}")
     return (table if len(keep) == len(table) else table.select(keep)), len(table) - len(keep)
 
 

@@ -176,21 +176,12 @@ def normalised_text(text: str) -> str:
 
 
 def answer_readable(answer, kind: str) -> bool:
-    """Whether a record's ``answer`` can ever match what ``extract_answer`` reads with ``kind``: a number for
-    "number", a label of a known kind for "option" (answerN/solutionN/optionN/endingN, true/false, A-E, 1-5),
-    any non-empty text for "text"."""
-    answer = "" if answer is None else str(answer).strip()
-    if kind == "number":
-        try:
-            float(answer.replace(",", ""))
-            return True
-        except ValueError:
-            return False
-    if kind == "option":
-        answer = answer.lower()
-        return bool(OPTION_TOKEN.fullmatch(answer)) or answer in ("true", "false", "a", "b", "c", "d", "e") or \
-            answer in ("1", "2", "3", "4", "5")
-    return bool(normalised_text(answer))
+    """Whether a record's ``answer`` can ever be counted correct with ``kind``: a generation that is exactly the
+    answer would be (a number for "number", not "1/2" or "nan"; a label of a known kind for "option":
+    answerN/solutionN/optionN/endingN, true/false, A-E, 1-5; any non-empty text for "text")."""
+    if answer is None or not str(answer).strip():
+        return False
+    return answers_match(extract_answer(str(answer), kind, str(answer)), str(answer), kind)
 
 
 def answers_match(predicted: str | None, expected: str, kind: str) -> bool:
