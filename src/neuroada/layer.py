@@ -293,7 +293,9 @@ class NeuroAdaLayer(BaseTunerLayer):
         """(Parameter, k, data_aware) of each delta this layer holds now, for the learning-rate check (which finds
         deltas this way too when their Parameter was replaced without being marked: FSDP2 shards them)."""
         for name, delta in self.neuroada_delta.items():
-            yield delta, delta.shape[1], self._data_aware.get(name, False)
+            shape = getattr(delta, "ds_shape", delta.shape)  # (DeepSpeed ZeRO-3 leaves an empty partition)
+            if len(shape) == 2:
+                yield delta, shape[1], self._data_aware.get(name, False)
 
     def _track_delta(self, adapter_name: str) -> None:
         """Attach to the delta Parameter what finds it there: its k for the learning-rate check, and the hook that
