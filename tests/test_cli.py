@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
 from neuroada_recipes import cli
 from neuroada_recipes.cli import main
@@ -680,30 +680,40 @@ def test_a_decoder_classifier_scores_the_same_whatever_the_batch_size(tmp_path, 
     assert scores[0] == scores[1]
 
 
+def write_unbalanced_csv(folder):
+    """3 positive rows to 1 negative, so that the class a model predicts shows in its accuracy."""
+    path = folder / "unbalanced.csv"
+    path.write_text("text,label\n" + "".join(f"item {i} is fine,positive\nitem {i} is fair,positive\n"
+                                             f"item {i} is nice,positive\nitem {i} is poor,negative\n"
+                                             for i in range(30)))
+    return str(path)
+
+
+def save_classifier(tmp_path, tiny_bert, name, order, flip=False):
+    """tiny_bert as a classifier whose classes are named ``order`` (flipped: the same model with its ids the other
+    way round)."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=len(order),
+                                                               ignore_mismatched_sizes=True)
+    if flip:
+        with torch.no_grad():
+            model.classifier.weight.copy_(model.classifier.weight.flip(0))
+            model.classifier.bias.copy_(model.classifier.bias.flip(0))
+    model.config.id2label = dict(enumerate(order))
+    model.config.label2id = {label: i for i, label in enumerate(order)}
+    model.save_pretrained(tmp_path / name)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
 def test_eval_of_a_classifier_uses_its_own_label_ids(tmp_path, tiny_bert):
     """A classifier (merged, fully fine-tuned, from the hub) whose ids run the other way round: the same model, the
     same scores."""
-    import torch
-    from transformers import AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)  # predicts one class for every row
-    data = tmp_path / "unbalanced.csv"  # 3 positive rows to 1 negative, so that the class predicted shows
-    data.write_text("text,label\n" + "".join(f"item {i} is fine,positive\nitem {i} is fair,positive\n"
-                                             f"item {i} is nice,positive\nitem {i} is poor,negative\n"
-                                             for i in range(30)))
-    flags = ["--data", str(data), "--max_length", "16", "--seed", "3", "--test_size", "40"]
+    flags = ["--data", write_unbalanced_csv(tmp_path), "--max_length", "16", "--seed", "3", "--test_size", "40"]
     scores = []
-    for name, order in (("original", ["negative", "positive"]), ("flipped", ["positive", "negative"])):
-        if name == "flipped":
-            with torch.no_grad():
-                model.classifier.weight.copy_(model.classifier.weight.flip(0))
-                model.classifier.bias.copy_(model.classifier.bias.flip(0))
-        model.config.id2label = dict(enumerate(order))
-        model.config.label2id = {label: i for i, label in enumerate(order)}
-        model.save_pretrained(tmp_path / name)
-        AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / name)
-        assert main(["eval", "--model", str(tmp_path / name), "--output", str(tmp_path / f"{name}.json")]
-                    + flags) == 0
+    for name, order, flip in (("original", ["negative", "positive"], False), ("flipped", ["positive", "negative"],
+                                                                              True)):
+        path = save_classifier(tmp_path, tiny_bert, name, order, flip)
+        assert main(["eval", "--model", path, "--output", str(tmp_path / f"{name}.json")] + flags) == 0
         scores.append(read_json(tmp_path / f"{name}.json"))
     assert scores[0]["accuracy"] != 0.5  # (so that the flip shows)
     assert {k: scores[1][k] for k in ("accuracy", "f1", "matthews")} == \

@@ -8,11 +8,11 @@ import stat
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from neuroada_recipes import cli
 from neuroada_recipes.cli import main
-from test_cli import read_json, run_cli, tiny_encoder, write_sentiment_csv  # noqa: F401 (a fixture)
+from test_cli import (read_json, run_cli, save_classifier, tiny_encoder,  # noqa: F401 (a fixture)
+                      write_sentiment_csv, write_unbalanced_csv)
 
 
 def train_flags(model, data, output, *extra):
@@ -189,30 +189,10 @@ def test_a_yaml_list_of_target_modules_is_a_list_of_names(tmp_path, tiny_encoder
 # ------------------------------------------------------------------------------------- silent wrong results
 
 
-def save_classifier(tmp_path, tiny_bert, name, order, flip=False):
-    """tiny_bert as a classifier whose classes are named ``order`` (flipped: the same model with its ids the other
-    way round)."""
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=len(order),
-                                                               ignore_mismatched_sizes=True)
-    if flip:
-        with torch.no_grad():
-            model.classifier.weight.copy_(model.classifier.weight.flip(0))
-            model.classifier.bias.copy_(model.classifier.bias.flip(0))
-    model.config.id2label = dict(enumerate(order))
-    model.config.label2id = {label: i for i, label in enumerate(order)}
-    model.save_pretrained(tmp_path / name)
-    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / name)
-    return str(tmp_path / name)
-
-
 def test_training_from_a_classifier_keeps_its_classes_and_head(tmp_path, tiny_bert):
     """A classifier whose ids run the other way round is the same model: its accuracy before training is the same,
     and training goes on from its head (the data's own sorted order used to scramble it)."""
-    sentiment = tmp_path / "unbalanced.csv"  # 3 positive rows to 1 negative, so that the class predicted shows
-    sentiment.write_text("text,label\n" + "".join(f"item {i} is fine,positive\nitem {i} is fair,positive\n"
-                                                  f"item {i} is nice,positive\nitem {i} is poor,negative\n"
-                                                  for i in range(30)))
-    sentiment = str(sentiment)
+    sentiment = write_unbalanced_csv(tmp_path)
     befores = []
     for name, order, flip in (("plain", ["negative", "positive"], False), ("flipped", ["positive", "negative"], True)):
         path = save_classifier(tmp_path, tiny_bert, name, order, flip)

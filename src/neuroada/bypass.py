@@ -22,7 +22,8 @@ Backends, chosen per call by :func:`choose_backend` unless the config names one:
 The ops are registered with ``torch.library`` (``neuroada::bypass``, ``neuroada::linear_bypass`` and their
 backwards), so ``torch.compile`` treats them as single nodes instead of breaking the graph. Every backend
 accumulates in float32, or in float64 where an operand is float64 (:func:`accumulation_dtype`; Triton then steps
-aside), so a float64 model is exact and ``gradcheck`` holds. :func:`sparse_bypass_reference` is the plain dense implementation that the tests hold every backend to.
+aside), so a float64 model is exact and ``gradcheck`` holds. :func:`sparse_bypass_reference` is the plain dense
+implementation that the tests hold every backend to.
 """
 
 from __future__ import annotations
