@@ -416,8 +416,6 @@ def train_command(argv: list[str]) -> int:
                    "device": str(next(model.parameters()).device)}
         write_model_card(adapter_dir, run=run, config=model.peft_config[model.active_adapter], command=command,
                          metrics=metrics, training=training, targets=adapter_args.target_modules)
-        _write_json(os.path.join(training.output_dir, "config.json"),
-                    {"task": run.info()["task"], "adapter": asdict(adapter_args), "training": training.to_dict()})
         _write_json(os.path.join(training.output_dir, "log_history.json"), trainer.state.log_history)
         _write_json(os.path.join(training.output_dir, "metrics.json"), metrics)
         respect_umask(training.output_dir, existing)
