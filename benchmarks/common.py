@@ -23,7 +23,7 @@ class DenseCompose(nn.Module):
         columns = select_per_neuron(linear.weight.detach(), k).long()
         rows = torch.arange(linear.out_features, device=columns.device)[:, None] * linear.in_features
         self.register_buffer("flat_indices", (rows + columns).reshape(-1))
-        self.delta = nn.Parameter(torch.zeros(columns.numel()))
+        self.delta = nn.Parameter(torch.zeros(columns.numel(), device=linear.weight.device))
 
     def forward(self, x):
         # the reference code adds the deltas in the weight's dtype (bf16 on a bf16 base)
