@@ -206,6 +206,39 @@ def test_training_from_a_classifier_keeps_its_classes_and_head(tmp_path, tiny_be
     assert befores[0] != 0.5  # (the head predicts one class more often, so that a scramble shows)
 
 
+def test_a_classifier_whose_class_names_differ_in_case_keeps_its_classes_and_head(tmp_path, tiny_bert):
+    """POSITIVE/NEGATIVE in the model, positive/negative in the data: the same classes. The data's sorted order used
+    to take the ids and kept the base head, scrambled (accuracy before training was that of the flipped head)."""
+    sentiment = write_unbalanced_csv(tmp_path)
+    befores = []
+    for name, order, flip in (("plain", ["negative", "positive"], False), ("upper", ["POSITIVE", "NEGATIVE"], True)):
+        path = save_classifier(tmp_path, tiny_bert, name, order, flip)
+        code, out, _ = run_cli(train_flags(path, sentiment, tmp_path / f"run-{name}", "--max_steps", "1",
+                                           "--learning_rate", "1e-9"))
+        assert code == 0, out
+        assert "classes: " + path + "'s own, in its order" in out
+        befores.append(read_json(tmp_path / f"run-{name}" / "metrics.json")["before"]["accuracy"])
+        assert read_json(tmp_path / f"run-{name}" / "adapter" / "neuroada_run.json")["labels"] == order
+    assert befores[0] == befores[1] != 0.5
+    # eval of the run on the data as written (lower case) scores the same classes
+    code, out, _ = run_cli(["eval", "--adapter", str(tmp_path / "run-upper" / "adapter"), "--output",
+                            str(tmp_path / "m.json")])
+    assert code == 0, out
+    assert read_json(tmp_path / "m.json")["accuracy"] == befores[1]
+
+
+def test_labels_that_differ_only_in_case_from_two_classes_are_not_merged(tmp_path, tiny_bert):
+    """Data holding both 'pos' and 'POS' names two classes of its own: a base naming 'POS' alone does not absorb
+    both."""
+    data = tmp_path / "cases.csv"
+    data.write_text("text,label\n" + "".join(f"row {i} is {w},{c}\n" for i in range(30)
+                                             for w, c in (("good", "pos"), ("great", "POS"))))
+    path = save_classifier(tmp_path, tiny_bert, "upper", ["POS", "NEG"])
+    code, out, _ = run_cli(train_flags(path, str(data), tmp_path / "run", "--max_steps", "1"))
+    assert code == 0, out
+    assert read_json(tmp_path / "run" / "adapter" / "neuroada_run.json")["labels"] == ["POS", "pos"]
+
+
 def test_a_classifier_with_another_number_of_classes_gets_a_new_head(tmp_path, tiny_bert):
     data = tmp_path / "three.csv"
     data.write_text("text,label\n" + "".join(f"row {i} is {w},{c}\n" for i in range(30)

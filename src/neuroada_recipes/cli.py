@@ -1036,7 +1036,7 @@ class TaskRun:
             print(f"classes: {self.task.model} names them by id only; the data's labels in sorted order take ids "
                   f"0..{len(order) - 1} ({', '.join(order)})")
         if self.labels is None:
-            if self.base_labels and set(values) <= set(self.base_labels):
+            if self.base_labels and _case_aliases(set(values), self.base_labels) is not None:
                 # the base is a classifier that names these classes: its head keeps its meaning, ids and all
                 self.labels = list(self.base_labels)
                 print(f"classes: {self.task.model}'s own, in its order ({', '.join(self.labels)}); its "
@@ -1058,6 +1058,9 @@ class TaskRun:
                 raise DataError(f"the adapter's classification head has {self.head_size} outputs but "
                                 f"{self.task.label_column!r} holds {len(self.labels)} classes ({self.labels[:5]})")
         index = {label: i for i, label in enumerate(self.labels)}
+        aliases = _case_aliases(set(values), self.labels)
+        if aliases is not None:
+            index.update((value, index[label]) for value, label in aliases.items())
         unknown = sorted(set(values) - set(index))
         if unknown:
             source = self.task.eval_data if which == "test" and self.task.eval_data else self.task.data
@@ -1186,6 +1189,22 @@ def _label_name(value) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def _case_aliases(values: set[str], labels: list[str]) -> dict[str, str] | None:
+    """Each data label to the class it names, where names may differ in case only (a model's POSITIVE, the data's
+    positive); None when a value names no class, or when two values would name one class (then 'pos' and 'POS' are
+    classes of their own, not one class written twice)."""
+    by_fold: dict[str, list[str]] = {}
+    for label in labels:
+        by_fold.setdefault(label.casefold(), []).append(label)
+    aliases = {}
+    for value in values:
+        matches = [value] if value in labels else by_fold.get(value.casefold(), [])
+        if len(matches) != 1:
+            return None
+        aliases[value] = matches[0]
+    return aliases if len(set(aliases.values())) == len(aliases) else None
 
 
 def _label_order(values: set[str]) -> list[str]:
