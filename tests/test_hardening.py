@@ -579,3 +579,85 @@ def test_torch_attention_and_transformer_layers_are_refused_not_silently_skipped
         assert {name: type(module) for name, module in model.named_modules()} == before  # nothing half-wrapped
     adapted = get_peft_model(model, NeuroAdaConfig(k=2, target_modules=["1"]))  # the plain Linear is fine
     assert isinstance(adapted.base_model.model[1], NeuroAdaLayer)
+
+
+# ------------------------------------------------------------------ a second review of the library (session 8)
+
+
+def _head_net(outputs, seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, outputs)).eval()
+
+
+def _state(model):
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def test_a_load_whose_modules_to_save_do_not_fit_leaves_the_model_as_it_was(tmp_path):
+    """A head of another class count (modules_to_save) is no NeuroAda layer: PEFT's load copied every key that fit
+    before it raised on the head, leaving the base adapted (from_pretrained), a half-loaded second adapter
+    (load_adapter of a new name) or an existing adapter overwritten (load_adapter of its name)."""
+    config = NeuroAdaConfig(k=2, target_modules=["0"], modules_to_save=["2"])
+    trained = get_peft_model(_head_net(3, 0), config)
+    randomize_deltas(trained)
+    trained.save_pretrained(tmp_path)
+    x = torch.randn(4, 8)
+
+    base = _head_net(4, 1)
+    before, tree = base(x), module_tree(base)
+    with pytest.raises(AdapterLoadError, match="'2.*shape"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert module_tree(base) == tree and torch.equal(base(x), before) and not hasattr(base, "peft_config")
+
+    host = get_peft_model(_head_net(4, 1), NeuroAdaConfig(k=2, target_modules=["0"], modules_to_save=["2"]))
+    randomize_deltas(host, seed=5)
+    state, tree = _state(host), module_tree(host)
+    for name in ("other", "default"):
+        with pytest.raises(AdapterLoadError, match="shape"):
+            host.load_adapter(tmp_path, adapter_name=name)
+        assert list(host.peft_config) == ["default"] and module_tree(host) == tree
+        assert _state(host).keys() == state.keys()
+        assert all(torch.equal(value, state[key]) for key, value in _state(host).items()), name
+
+
+@pytest.mark.parametrize("save_indices", [True, False])
+def test_a_random_selection_on_another_base_is_told_apart(tmp_path, tokens, save_indices):
+    """A random selection depends on the seed only, so the selection check could never tell the base: with indices
+    the base values saved with them differed and were ignored; without them nothing of the base was saved."""
+    source = _trained_gpt2(NeuroAdaConfig(k=2, selection="random", seed=3, save_indices=save_indices))
+    source.save_pretrained(tmp_path)
+    for seed, other in ((0, False), (5, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            PeftModel.from_pretrained(tiny_gpt2_model(seed), tmp_path)
+        told = [w for w in caught if "not the base" in str(w.message)]
+        assert bool(told) == other, (seed, [str(w.message) for w in caught])
+
+
+def test_a_magnitude_adapter_without_indices_on_a_nearby_base_is_told_apart(tmp_path):
+    """A fine-tuned copy of the base can keep every neuron's largest weights where they were, so the recomputed
+    selection matches; the weights there are still not the ones the deltas were trained on."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    get_peft_model(copy.deepcopy(base), NeuroAdaConfig(k=2, target_modules=["0"], save_indices=False)).save_pretrained(
+        tmp_path)
+    nearby = copy.deepcopy(base)
+    with torch.no_grad():
+        nearby[0].weight.mul_(1.1)  # every weight 10% larger: the same top-k everywhere
+    for model, other in ((copy.deepcopy(base), False), (nearby, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            PeftModel.from_pretrained(model, tmp_path)
+        assert bool([w for w in caught if "not the base" in str(w.message)]) == other
+
+
+def test_load_into_an_adapter_that_was_saved_before(tmp_path, tokens):
+    """Saving writes the selection's fingerprint into the live adapter's config; a later load into that adapter's
+    name compared the file's indices with it and refused two sound files."""
+    source = _trained_gpt2(NeuroAdaConfig(k=2, selection="random", seed=11))
+    source.save_pretrained(tmp_path / "source")
+    expected = _logits(source, tokens)
+    model = get_peft_model(tiny_gpt2_model(), NeuroAdaConfig(k=2)).eval()
+    model.save_pretrained(tmp_path / "own")
+    model.load_adapter(tmp_path / "source", adapter_name="default")
+    torch.testing.assert_close(_logits(model, tokens), expected)

@@ -108,15 +108,17 @@ def test_save_load_round_trip(model_factory, tokens, tmp_path, save_indices):
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     kinds = {key.rsplit(".", 1)[-1] for key in tensors}
     # with indices: the base weights at them, which a load checks its base by; without indices: only the few rows
-    # that a bf16/fp16 copy of the base could select differently are stored, and the selection's fingerprint
-    pinned = {"neuroada_pinned_rows", "neuroada_pinned_indices", "neuroada_selection_fingerprint"}
+    # that a bf16/fp16 copy of the base could select differently are stored, the selection's fingerprint and the base
+    # weights at the selection of a few rows
+    pinned = {"neuroada_pinned_rows", "neuroada_pinned_indices", "neuroada_selection_fingerprint",
+              "neuroada_base_sample"}
     assert kinds == ({"neuroada_delta", "neuroada_indices", "neuroada_base_values"} if save_indices
                      else {"neuroada_delta"} | pinned)
     layers = neuroada_layers(model)
     assert len(tensors) == len(layers) * len(kinds)
     dtypes = {"neuroada_delta": torch.float32, "neuroada_indices": torch.uint8, "neuroada_pinned_rows": torch.int32,
               "neuroada_pinned_indices": torch.uint8, "neuroada_base_values": torch.float16,
-              "neuroada_selection_fingerprint": torch.uint8}
+              "neuroada_selection_fingerprint": torch.uint8, "neuroada_base_sample": torch.float16}
     for key, value in tensors.items():
         assert value.dtype == dtypes[key.rsplit(".", 1)[-1]]
     if not save_indices:

@@ -31,6 +31,11 @@ _BASE_VALUES = "neuroada_base_values"
 # Key of an adapter saved without indices: the fingerprint of the selection it was trained with (8 bytes), so that a
 # load into an adapter that exists already (whose config PEFT uses instead of the file's) is checked too.
 _SELECTION_FINGERPRINT = "neuroada_selection_fingerprint"
+# Key of an adapter saved without indices: the base weight at the selected positions of a few evenly spaced rows
+# (``_sample_rows``), in float16, so that a load can tell a base whose selection is the same but whose weights are not
+# (a random selection; a fine-tuned copy that keeps every neuron's largest weights where they were).
+_BASE_SAMPLE = "neuroada_base_sample"
+_BASE_SAMPLE_ROWS = 64
 
 
 class AdapterLoadError(ValueError):
@@ -321,6 +326,10 @@ class NeuroAdaModel(BaseTuner):
                 selected[f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_INDICES}"] = indices.contiguous()
                 selected[f"{_PEFT_MODEL_PREFIX}{name}.{_SELECTION_FINGERPRINT}"] = torch.tensor(
                     list(bytes.fromhex(config.selection_fingerprints[name])), dtype=torch.uint8)
+                values = layer.selected_base_values(adapter_name)
+                if values is not None:
+                    selected[f"{_PEFT_MODEL_PREFIX}{name}.{_BASE_SAMPLE}"] = values[
+                        _sample_rows(layer.out_features)].contiguous()
         return selected
 
     @classmethod
@@ -328,12 +337,15 @@ class NeuroAdaModel(BaseTuner):
         # (PEFT reads the model's state dict keys here, which must not compute the selections a load defers)
         with deferred_selections_kept():
             remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        tuner = getattr(model, "base_model", None)
+        # Injected for this load, the adapter's config is the file's; a load into an adapter that existed before
+        # gets the live adapter's config from PEFT, which says nothing about the file.
+        injected_now = isinstance(tuner, NeuroAdaModel) and tuner._injected_by_running_call(adapter_name)
         try:
             with deferred_selections_kept():
-                return _validated_for_load(model, config, adapter_name, remapped)
+                return _validated_for_load(model, config, adapter_name, remapped, config_is_the_files=injected_now)
         except AdapterLoadError:
-            tuner = getattr(model, "base_model", None)
-            if isinstance(tuner, NeuroAdaModel) and tuner._injected_by_running_call(adapter_name):
+            if injected_now:
                 tuner._undo_adapter(adapter_name)
             raise
         finally:
@@ -429,12 +441,15 @@ def _named_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLaye
     return layers
 
 
-def _validated_for_load(model, config, adapter_name, state_dict):
-    """Check a checkpoint against the layers it is about to be loaded into, before anything is copied."""
-    prefix = _PEFT_MODEL_PREFIX if any(k.startswith(_PEFT_MODEL_PREFIX) for k in model.state_dict()) else ""
+def _validated_for_load(model, config, adapter_name, state_dict, config_is_the_files=True):
+    """Check a checkpoint against the model it is about to be loaded into, before anything is copied.
+    ``config_is_the_files``: ``config`` was read with the file (else its recorded fingerprints are not checked)."""
+    model_state = model.state_dict()
+    prefix = _PEFT_MODEL_PREFIX if any(k.startswith(_PEFT_MODEL_PREFIX) for k in model_state) else ""
     state_dict = dict(state_dict)
     layers = _named_layers(model, adapter_name)
-    other_base, fingerprint_mismatches = [], []
+    other_base = {}  # layer name -> why it is not the adapter's base
+    fingerprint_mismatches = []
     pinned_after_load = {}
     for name, layer in layers.items():
         delta_key = f"{prefix}{name}.neuroada_delta.{adapter_name}"
@@ -443,6 +458,7 @@ def _validated_for_load(model, config, adapter_name, state_dict):
                   state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_PINNED_INDICES}", None))
         base_values = state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_BASE_VALUES}", None)
         stored_fingerprint = state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_SELECTION_FINGERPRINT}", None)
+        base_sample = state_dict.pop(f"{_PEFT_MODEL_PREFIX}{name}.{_BASE_SAMPLE}", None)
         expected_shape = tuple(layer.neuroada_delta[adapter_name].shape)
         if delta_key not in state_dict:
             raise AdapterLoadError(
@@ -455,7 +471,7 @@ def _validated_for_load(model, config, adapter_name, state_dict):
                 f"this base the layer needs {expected_shape} ([out_features, k]); the adapter was trained on a base "
                 "with other shapes. Load it on the base model it was trained on."
             )
-        recorded = (config.selection_fingerprints or {}).get(name)
+        recorded = (config.selection_fingerprints or {}).get(name) if config_is_the_files else None
         if stored_fingerprint is not None:  # the file's own, whatever config PEFT passed (see _SELECTION_FINGERPRINT)
             recorded = bytes(stored_fingerprint.to(torch.uint8).tolist()).hex()
         # The file decides whether it holds indices, not the config: PEFT passes the live adapter's config when it
@@ -471,6 +487,13 @@ def _validated_for_load(model, config, adapter_name, state_dict):
             indices = _with_pinned_rows(layer.neuroada_indices.settled(adapter_name), *pinned, name)
             if recorded is not None and recorded != selection_fingerprint(indices):
                 fingerprint_mismatches.append(name)
+            elif base_sample is not None:
+                rows = _sample_rows(layer.out_features)
+                if tuple(base_sample.shape) != (rows.numel(), expected_shape[1]):
+                    raise AdapterLoadError(f"layer {name!r}: the stored base sample has shape "
+                                           f"{tuple(base_sample.shape)}; the file is damaged or from another model.")
+                if _same_base_values(layer, indices[rows.to(indices.device)], base_sample, rows) is False:
+                    other_base[name] = _OTHER_WEIGHTS
             state_dict[indices_key] = indices
             pinned_after_load[name] = _pinned_union(layer.pinned_rows.get(adapter_name), pinned[0], indices)
             continue
@@ -499,18 +522,23 @@ def _validated_for_load(model, config, adapter_name, state_dict):
         # a weight-only selection is this base's if the stored indices are its own selection or a top-k of it up to
         # ties (the same weights in another precision). Otherwise the stored indices still apply, but the user should
         # know.
-        if not (base_values is not None and _same_base_values(layer, indices, base_values)):
+        same = None if base_values is None else _same_base_values(layer, indices, base_values)
+        if same is False:  # the weights the deltas were trained on are not this base's, whatever the selection
+            other_base[name] = _OTHER_WEIGHTS
+        elif same is None:
             if config.selection in DATA_CRITERIA:
                 from .calibration import same_selected_weight_sum
 
                 if not same_selected_weight_sum(layer.full_weight_rows(), indices,
                                                 (config.selected_weight_sums or {}).get(name)):
-                    other_base.append(name)
+                    other_base[name] = "on weights whose sum of |W| differs from the one recorded at calibration"
             else:
                 live_indices = layer.neuroada_indices.settled(adapter_name)  # computed now if the injection deferred it
                 if not torch.equal(indices.long(), live_indices.long()) and not is_top_k_selection(
                         layer.full_weight_rows(), indices, config.selection):
-                    other_base.append(name)
+                    other_base[name] = ("not the largest-magnitude connections of this base model's weights"
+                                        if config.selection == "magnitude" else
+                                        f"not the {config.selection!r} selection of this base model's weights")
         state_dict[indices_key] = indices.to(index_dtype_for(layer.in_features))
     if fingerprint_mismatches:
         raise AdapterLoadError(_fingerprint_message(fingerprint_mismatches, adapter_name))
@@ -521,39 +549,63 @@ def _validated_for_load(model, config, adapter_name, state_dict):
             f"the adapter file holds NeuroAda weights for modules this model does not adapt (e.g. {unknown[0]!r}); "
             "it was saved from a different model. Load it on the base model it was trained on."
         )
+    # Other weights the adapter brings (modules_to_save, trainable tokens): PEFT's load copies every key that fits
+    # before it raises on one that does not, so a head for another number of classes must be refused here.
+    for key, value in state_dict.items():
+        live = model_state.get(key)
+        if live is not None and ".neuroada_" not in key and tuple(live.shape) != tuple(value.shape):
+            module = key.removeprefix(_PEFT_MODEL_PREFIX).split(".modules_to_save.")[0].split(".token_adapter.")[0]
+            raise AdapterLoadError(
+                f"module {module!r}: the adapter holds {key.rsplit('.', 1)[-1]!r} of shape {tuple(value.shape)}, but "
+                f"this model's has shape {tuple(live.shape)} (a classification head for another number of classes?); "
+                "the model was left unchanged. Load it on a base of the same shapes (e.g. the same num_labels).")
     # A later save without indices stores the rows either base could select differently, with the loaded indices
     # (what this base selects itself there is not the adapter's selection); written only once the load is accepted.
     for name, rows_and_indices in pinned_after_load.items():
         layers[name].pinned_rows[adapter_name] = rows_and_indices
     if other_base:
+        name, why = next(iter(other_base.items()))
         warnings.warn(
-            f"adapter {adapter_name!r}: on {len(other_base)} layer(s) (e.g. {other_base[0]!r}) the stored indices are "
-            + ("not the largest-magnitude connections of this base model's weights"
-               if config.selection not in DATA_CRITERIA else
-               "on weights whose sum of |W| differs from the one recorded at calibration")
-            + ", so it is not the base the adapter was trained on. The stored indices are used; check that this is "
-            "the base you meant."
+            f"adapter {adapter_name!r}: on {len(other_base)} layer(s) (e.g. {name!r}) the stored indices are {why}, "
+            "so it is not the base the adapter was trained on. The adapter is loaded as saved; check that this is the "
+            "base you meant."
         )
     return state_dict
+
+
+_OTHER_WEIGHTS = "on base weights that differ from the ones saved with the adapter"
+
+
+def _sample_rows(out_features: int) -> torch.Tensor:
+    """The rows whose base weights an adapter saved without indices keeps: up to ``_BASE_SAMPLE_ROWS``, evenly
+    spaced, the same for the same ``out_features`` (so a load finds them without storing them)."""
+    return torch.unique(torch.linspace(0, out_features - 1, min(out_features, _BASE_SAMPLE_ROWS)).round().long())
 
 
 # Tolerance of the base values check: a value saved in float16 (rounded by at most 2^-11 of itself) against the same
 # weight in float32, float16 or bfloat16 (at most 2^-8), possibly rounded through float16 on the way (2^-11): less
 # than 2^-7 in all; an unrelated base differs by far more. The absolute term covers float16's subnormal values. A
-# weight beyond float16's range was saved as inf and never matches (the load then checks the selection instead).
+# weight beyond float16's range was saved as inf and is not compared.
 _BASE_VALUES_RTOL, _BASE_VALUES_ATOL = 2.0**-7, 2.0**-24
 
 
-def _same_base_values(layer: NeuroAdaLayer, indices: torch.Tensor, stored: torch.Tensor) -> bool:
-    """Whether this base's weights at ``indices`` are the ones saved with the adapter, up to the rounding of another
-    precision. False where the weight is sharded or quantized (the caller then falls back on the selection check)."""
+def _same_base_values(layer: NeuroAdaLayer, indices: torch.Tensor, stored: torch.Tensor,
+                      rows: Optional[torch.Tensor] = None) -> Optional[bool]:
+    """Whether this base's weights at ``indices`` (of ``rows``, default all) are the ones saved with the adapter, up
+    to the rounding of another precision. None where that cannot be told: a sharded or quantized weight, or stored
+    values all beyond float16's range (the caller then falls back on the selection check)."""
     weight = layer.get_base_layer().weight
     if layer.quantization or weight.is_meta or isinstance(weight, DTensor) or sharding.is_zero3_partitioned(weight):
-        return False
-    rows = layer.full_weight_rows()
-    live = rows.gather(1, indices.to(device=rows.device, dtype=torch.long)).float()
+        return None
+    weights = layer.full_weight_rows()
+    if rows is not None:
+        weights = weights[rows.to(weights.device)]
+    live = weights.gather(1, indices.to(device=weights.device, dtype=torch.long)).float()
     stored = stored.to(device=live.device, dtype=torch.float32)
-    return bool(torch.isclose(live, stored, rtol=_BASE_VALUES_RTOL, atol=_BASE_VALUES_ATOL).all())
+    finite = torch.isfinite(stored)
+    if not finite.any():
+        return None
+    return bool(torch.isclose(live[finite], stored[finite], rtol=_BASE_VALUES_RTOL, atol=_BASE_VALUES_ATOL).all())
 
 
 def _pinned_union(live: Optional[tuple], file_rows: Optional[torch.Tensor], indices: torch.Tensor) -> tuple:
