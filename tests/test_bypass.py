@@ -139,6 +139,26 @@ def test_a_float32_delta_on_float64_inputs_gives_float64_gradients_to_both():
 
 
 @pytest.mark.parametrize("backend", ["gather", "dense"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_out_dtype_is_the_cast_afterwards_bit_for_bit(backend, dtype):
+    """The layer asks for its output dtype: the same numbers as the float32 result cast afterwards, forward and both
+    gradients, without the float32 copy."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 29, generator=generator).to(dtype)
+    delta = torch.randn(13, 3, generator=generator)
+    pattern = build_pattern(select_per_neuron(torch.randn(13, 29, generator=generator), 3), 29)
+    upstream = torch.randn(3, 7, 13, generator=generator).to(dtype)
+    results = []
+    for compute in (lambda a, d: sparse_bypass(a, d, pattern, backend, out_dtype=dtype),
+                    lambda a, d: sparse_bypass(a, d, pattern, backend).to(dtype)):
+        a, d = x.clone().requires_grad_(True), delta.clone().requires_grad_(True)
+        out = compute(a, d)
+        results.append((out, *torch.autograd.grad(out, (a, d), upstream)))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["gather", "dense"])
 def test_keeps_only_input_and_delta_for_backward(backend):
     out_features, in_features, k, tokens = 256, 128, 4, 6
     pattern = build_pattern(select_per_neuron(torch.randn(out_features, in_features), k), in_features)

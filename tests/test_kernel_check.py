@@ -30,8 +30,8 @@ def fresh_verdicts(monkeypatch):
 wrong_forward_original = triton_backend.bypass_forward
 
 
-def faulty_forward(x2d, delta, columns):
-    return wrong_forward_original(x2d, delta, columns) * 1.5
+def faulty_forward(x2d, delta, columns, out_dtype=torch.float32):
+    return wrong_forward_original(x2d, delta, columns, out_dtype) * 1.5
 
 
 def failing_input_grad(*args, **kwargs):

@@ -39,14 +39,17 @@ def test_kernels_match_dense_reference(out_features, in_features, tokens, dtype,
     pattern = build_pattern(indices.to(DEVICE), in_features)
     x = torch.randn(2, tokens, in_features, generator=generator).to(DEVICE, dtype).requires_grad_(True)
     delta = torch.randn(out_features, k, generator=generator).to(DEVICE).requires_grad_(True)
-    out = sparse_bypass(x, delta, pattern, "triton")
-    upstream = torch.randn(out.shape, generator=generator).to(DEVICE)
+    # as the layer calls it (stored in the activation dtype, its gradient arriving in it), or in float32
+    out_dtype = data.draw(st.sampled_from([dtype, torch.float32]))
+    out = sparse_bypass(x, delta, pattern, "triton", out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    upstream = torch.randn(out.shape, generator=generator).to(DEVICE, out_dtype)
     grad_x, grad_delta = torch.autograd.grad(out, (x, delta), upstream)
     ref = sparse_bypass_reference(x, delta, indices.to(DEVICE))
-    ref_x, ref_delta = torch.autograd.grad(ref, (x, delta), upstream)
+    ref_x, ref_delta = torch.autograd.grad(ref, (x, delta), upstream.float())
     tol = TOLERANCE[dtype]
     scale = max(1.0, float(in_features), float(tokens))
-    torch.testing.assert_close(out, ref, atol=tol * scale, rtol=tol)
+    torch.testing.assert_close(out.float(), ref, atol=tol * scale, rtol=tol)
     torch.testing.assert_close(grad_x.float(), ref_x.float(), atol=tol * scale, rtol=tol)
     torch.testing.assert_close(grad_delta, ref_delta, atol=tol * scale, rtol=tol)
     assert grad_x.dtype == dtype and grad_delta.dtype == torch.float32

@@ -158,9 +158,11 @@ def _warn_once(message: str) -> None:
 
 
 def sparse_bypass(x: Tensor, delta: Tensor, pattern: SparsePattern, backend: str = "auto",
-                  keep_columns: Optional[bool] = None) -> Tensor:
-    """``x S^T`` for ``x`` of shape ``[..., in]``; returns ``[..., out]`` in :func:`accumulation_dtype` (float32, or
-    float64 where x or delta is).
+                  keep_columns: Optional[bool] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``x S^T`` for ``x`` of shape ``[..., in]``; returns ``[..., out]``, summed in :func:`accumulation_dtype`
+    (float32, or float64 where x or delta is) and returned in it, or rounded once to ``out_dtype`` (the dtype the
+    caller adds it in: the same numbers as a cast afterwards, without a float32 copy of the output, and the backward
+    then gets its gradient in that dtype too).
 
     ``keep_columns``: keep only ``x[:, pattern.kept]`` for the backward instead of ``x``; ``None`` decides by the
     selection's coverage (:func:`keeps_columns`). Pass ``False`` when something else keeps ``x`` anyway (another
@@ -173,9 +175,10 @@ def sparse_bypass(x: Tensor, delta: Tensor, pattern: SparsePattern, backend: str
     if backend == "triton" and delta.dtype == torch.float64:
         backend = "gather"  # (float32 x, float64 delta: the kernels would round the delta)
     keep_columns = keeps_columns(pattern) if keep_columns is None else keep_columns
+    out_dtype = accumulation_dtype(x, delta) if out_dtype is None else out_dtype
     out = torch.ops.neuroada.bypass(x.reshape(-1, x.shape[-1]), delta, pattern.columns, pattern.transposed_rows,
                                     pattern.transposed_order, pattern.transposed_offsets, pattern.row_offsets,
-                                    pattern.kept, pattern.kept_columns, backend, keep_columns)
+                                    pattern.kept, pattern.kept_columns, backend, keep_columns, out_dtype)
     return out.reshape(*x.shape[:-1], delta.shape[0])
 
 
@@ -230,21 +233,21 @@ def dense_matrix(delta: Tensor, columns: Tensor, in_features: int, dtype: Option
 @torch.library.custom_op("neuroada::bypass", mutates_args=())
 def _bypass_op(x2d: Tensor, delta: Tensor, columns: Tensor, transposed_rows: Tensor, transposed_order: Tensor,
                transposed_offsets: Tensor, row_offsets: Tensor, kept: Tensor, kept_columns: Tensor, backend: str,
-               keep_columns: bool) -> Tensor:
+               keep_columns: bool, out_dtype: torch.dtype) -> Tensor:
     dtype = accumulation_dtype(x2d, delta)
     with torch.autocast(x2d.device.type, enabled=False):
         if backend == "triton":
-            return triton_backend.bypass_forward(x2d, delta, columns)
+            return triton_backend.bypass_forward(x2d, delta, columns, out_dtype)
         if backend == "dense":
-            return x2d.to(dtype) @ dense_matrix(delta, columns, x2d.shape[1], dtype).T
+            return (x2d.to(dtype) @ dense_matrix(delta, columns, x2d.shape[1], dtype).T).to(out_dtype)
         out_t = F.embedding_bag(columns, _transposed(x2d, dtype), per_sample_weights=delta.to(dtype), mode="sum")
-        return _transposed(out_t, dtype)
+        return _transposed(out_t, out_dtype)
 
 
 @_bypass_op.register_fake
 def _(x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, kept, kept_columns,
-      backend, keep_columns):
-    return x2d.new_empty(x2d.shape[0], delta.shape[0], dtype=accumulation_dtype(x2d, delta))
+      backend, keep_columns, out_dtype):
+    return x2d.new_empty(x2d.shape[0], delta.shape[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("neuroada::bypass_backward", mutates_args=())
@@ -256,8 +259,8 @@ def _bypass_backward_op(grad: Tensor, saved_x: Tensor, delta: Tensor, columns: T
     grad_delta = delta.new_empty(0)
     dtype = accumulation_dtype(grad, saved_x, delta)
     with torch.autocast(grad.device.type, enabled=False):
-        grad_t = _transposed(grad, dtype)  # [out, tokens]
         if backend == "triton":  # the kernels read feature-major operands, in their own dtypes
+            grad_t = _transposed(grad, grad.dtype)  # [out, tokens]
             if need_input_grad:
                 grad_x = triton_backend.input_grad(grad_t, delta, transposed_rows, transposed_order,
                                                    transposed_offsets, in_features, saved_x.dtype)
@@ -265,6 +268,7 @@ def _bypass_backward_op(grad: Tensor, saved_x: Tensor, delta: Tensor, columns: T
                 x_t = _feature_major(saved_x, kept_layout, saved_x.dtype)
                 grad_delta = triton_backend.delta_grad(grad_t, x_t, sampled_columns).to(delta.dtype)
             return grad_x, grad_delta
+        grad_t = _transposed(grad, dtype)
         if need_input_grad:
             if backend == "dense":
                 grad_x = (grad_t.T @ dense_matrix(delta, columns, in_features, dtype)).to(saved_x.dtype)
@@ -288,7 +292,7 @@ def _(grad, saved_x, delta, columns, sampled_columns, transposed_rows, transpose
 
 def _bypass_setup_context(ctx, inputs, output):
     (x2d, delta, columns, transposed_rows, transposed_order, transposed_offsets, row_offsets, kept, kept_columns,
-     backend, keep_columns) = inputs
+     backend, keep_columns, _) = inputs
     keep = keep_columns and ctx.needs_input_grad[1]  # without a delta gradient x is not needed at all
     saved_x = _kept_input(x2d, kept) if keep else x2d
     ctx.save_for_backward(saved_x, delta, columns, kept_columns if keep else columns, transposed_rows,
@@ -311,7 +315,7 @@ def _bypass_backward(ctx, grad):
     need_x, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x, grad_delta = torch.ops.neuroada.bypass_backward(grad, saved_x, delta, *pattern, ctx.backend,
                                                              ctx.in_features, ctx.kept_layout, need_x, need_delta)
-    return (grad_x if need_x else None, grad_delta if need_delta else None) + (None,) * 9
+    return (grad_x if need_x else None, grad_delta if need_delta else None) + (None,) * 10
 
 
 _bypass_op.register_autograd(_bypass_backward, setup_context=_bypass_setup_context)

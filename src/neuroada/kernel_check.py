@@ -58,13 +58,14 @@ def mismatch(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         pattern = build_pattern(indices, in_features)
         x = torch.randn(tokens, in_features, generator=generator).to(device, dtype)
         delta = torch.randn(out_features, k, generator=generator).to(device)
-        upstream = torch.randn(tokens, out_features, generator=generator).to(device)
+        # (in the activation dtype, as the layers get it; the reference gets the same values in float32)
+        upstream = torch.randn(tokens, out_features, generator=generator).to(device, dtype)
         results = []
-        for compute in (lambda xi, di: sparse_bypass(xi, di, pattern, "triton"),
+        for compute in (lambda xi, di: sparse_bypass(xi, di, pattern, "triton", out_dtype=dtype),
                         lambda xi, di: sparse_bypass_reference(xi, di, indices)):
             xi, di = x.clone().requires_grad_(True), delta.clone().requires_grad_(True)
             out = compute(xi, di)
-            results.append((out.detach(), *torch.autograd.grad(out, (xi, di), upstream)))
+            results.append((out.detach(), *torch.autograd.grad(out, (xi, di), upstream.to(out.dtype))))
     errors = {}
     for name, got, want in zip(("forward", "input_grad", "delta_grad"), *results):
         scale = want.float().abs().max().clamp_min(1e-6)

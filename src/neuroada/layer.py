@@ -704,8 +704,9 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
                                       keep_columns)
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
-            bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), backends[name], keep_columns)
-            result = result + bypass.to(result.dtype)
+            bypass = sparse_bypass(x, self.neuroada_delta[name], self.pattern(name), backends[name], keep_columns,
+                                   out_dtype=result.dtype)
+            result = result + bypass
         return result
 
     # ------------------------------------------------------------------ mixed-adapter batches (PEFT's adapter_names)
@@ -750,7 +751,7 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
                 part = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
                 # the fused backend replaces the whole layer, which the batch shares here: the rule picks another
                 backend = choose_backend(self.bypass_backend[name], part, delta.shape[1], fusable=False)
-                bypass = sparse_bypass(part, delta, self.pattern(name), backend).to(result.dtype)
+                bypass = sparse_bypass(part, delta, self.pattern(name), backend, out_dtype=result.dtype)
                 if isinstance(rows, slice):
                     result[rows] += bypass
                 else:

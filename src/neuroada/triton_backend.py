@@ -71,7 +71,8 @@ if triton is not None:
             weights = tl.load(delta_ptr + rows_o * k + j, mask=mask_o, other=0.0)
             xv = tl.load(x_t_ptr + _row_starts(cols, stride_x_t)[:, None] + rows_n[None, :], mask=mask, other=0.0)
             acc += xv.to(tl.float32) * weights[:, None]
-        tl.store(out_ptr + _row_starts(rows_n, stride_out)[None, :] + rows_o[:, None], acc, mask=mask)
+        tl.store(out_ptr + _row_starts(rows_n, stride_out)[None, :] + rows_o[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
     @triton.jit
     def _delta_grad_kernel(x_t_ptr, grad_t_ptr, columns_ptr, partial_ptr, tokens, out_features, k, stride_x_t,
@@ -121,10 +122,12 @@ if triton is not None:
                  mask=mask_c[:, None] & mask_n[None, :])
 
 
-def bypass_forward(x2d: torch.Tensor, delta: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``x2d S^T`` as ``[tokens, out]`` float32 (x2d token-major, as the layer gets it)."""
+def bypass_forward(x2d: torch.Tensor, delta: torch.Tensor, columns: torch.Tensor,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x2d S^T`` as ``[tokens, out]`` (x2d token-major, as the layer gets it), summed in float32 and stored in
+    ``out_dtype`` (rounded once, to nearest on a GPU)."""
     tokens, out_features, k = x2d.shape[0], delta.shape[0], delta.shape[1]
-    out = torch.empty(tokens, out_features, dtype=torch.float32, device=x2d.device)
+    out = torch.empty(tokens, out_features, dtype=out_dtype, device=x2d.device)
     if tokens:
         x_t = x2d.T.contiguous()
         block_o, block_n, warps = _FORWARD_TILES
