@@ -12,8 +12,12 @@ too little of the time budget left is skipped with the reason. Shapes scale to t
 - ``correctness``: every backend (``triton``, ``gather``, ``dense``, ``fused``) against a float64 dense reference,
   output and both gradients, fp32/bf16/fp16, odd and LLaMA shapes, k = 1, 8, 20, 64, skewed selections.
 - ``peft_roundtrip``: a tiny Llama in bf16 on the device: train, save, load, merge, each compared.
+- ``kernel_timing``: each Triton kernel alone, for a few tile sizes.
 - ``layer_timing``: one layer, bf16, 8192 tokens, forward + backward, methods interleaved, CUDA events; ratios to
   the frozen layer.
+- ``kernel_variants``: the candidate kernels of ``benchmarks/triton_variants.py`` (a Triton transpose, the bypass
+  added into the base output in place, the whole layer saving ``x_t``): correct against float64, then timed step by
+  step and as a layer against the library's Triton path.
 - ``model_step``: a ~1B Llama shape (TinyLlama: hidden 2048, intermediate 5632, 22 layers), bf16, batch 8 x 1024,
   AdamW step, with and without gradient checkpointing: step time and peak ``torch.cuda.max_memory_allocated``.
 - ``end_to_end``: ``neuroada train`` (the MiniLM recipe) with ``--bf16 true`` on the device.
@@ -460,7 +464,7 @@ def part_kernel_timing(plan: Plan, deadline: Deadline) -> dict:
     rows, results, truncated = [], [], None
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, in_features, generator=generator).to(plan.device, dtype)
-    grad = torch.randn(tokens, out_features, generator=generator).to(plan.device)
+    grad = torch.randn(tokens, out_features, generator=generator).to(plan.device, dtype)  # as the layer gets it
     weight = torch.randn(out_features, in_features, generator=generator).to(plan.device, dtype)
 
     def timed(fn) -> float:
@@ -471,7 +475,7 @@ def part_kernel_timing(plan: Plan, deadline: Deadline) -> dict:
     try:
         floor = {"x W^T (the base forward, for scale)": timed(lambda: x @ weight.T),
                  "x.T.contiguous()": timed(lambda: x.T.contiguous()),
-                 "grad.T.contiguous() (fp32)": timed(lambda: grad.T.contiguous())}
+                 "grad.T.contiguous()": timed(lambda: grad.T.contiguous())}
         for what, seconds in floor.items():
             rows.append([what, "-", "-", f"{seconds * 1000:.3f} ms", "-"])
         grad_t, x_t = grad.T.contiguous(), x.T.contiguous()
@@ -484,7 +488,7 @@ def part_kernel_timing(plan: Plan, deadline: Deadline) -> dict:
             # j per program (registers against re-reads of its grad_t tile)
             kernels = {
                 "forward": ([("_FORWARD_TILES", tiles) for tiles in FEATURE_TOKEN_TILES],
-                            lambda: triton_backend.bypass_forward(x, delta, pattern.columns)),
+                            lambda: triton_backend.bypass_forward(x, delta, pattern.columns, dtype)),
                 "input_grad": ([("_INPUT_GRAD_TILES", tiles) for tiles in FEATURE_TOKEN_TILES],
                                lambda: triton_backend.input_grad(grad_t, delta, pattern.transposed_rows,
                                                                  pattern.transposed_order, pattern.transposed_offsets,
@@ -522,6 +526,157 @@ def part_kernel_timing(plan: Plan, deadline: Deadline) -> dict:
     if truncated:
         table += f"\n\n{truncated}"
     return {"status": "ok", "result": {"floor_seconds": floor, "kernels": results}, "table": table}
+
+
+def part_kernel_variants(plan: Plan, deadline: Deadline) -> dict:
+    """The candidate kernels of ``benchmarks/triton_variants.py`` against the layer's Triton path as it is: first
+    correct (the variant layer's output and both gradients against float64, on odd shapes and, on a GPU, a 4096 one),
+    then each step alone and the whole layer, forward and backward, relative to the frozen layer. Its table decides
+    whether a variant moves into the library; only wrong results fail the part."""
+    if not triton_backend.available(plan.device):
+        return {"status": "skipped", "reason": "Triton cannot run here"}
+    import torch.nn.functional as F
+
+    import triton_variants as variants
+
+    from neuroada.bypass import dense_matrix
+
+    dtype = torch.bfloat16 if plan.on_gpu else torch.float32
+    generator = torch.Generator().manual_seed(0)
+
+    def random_pattern(out_features, in_features, k):
+        return build_pattern(select_per_neuron(torch.randn(out_features, in_features, generator=generator), k).to(
+            plan.device), in_features)
+
+    # correctness: the variant layer (and its transpose, and the two program orders) against float64
+    checks, wrong = [], []
+    cases = [(37, 29, 45, [1, 3]), (64, 96, 130, [1, 3])] + ([(4096, 4096, 1024, [1, 20])] if plan.on_gpu else [])
+    for check_dtype in ([torch.float32, torch.bfloat16] if plan.on_gpu else [torch.float32]):
+        for in_features, out_features, tokens, ks in cases:
+            for k in ks:
+                pattern = random_pattern(out_features, in_features, k)
+                x = torch.randn(tokens, in_features, generator=generator).to(plan.device, check_dtype)
+                weight = (torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5).to(
+                    plan.device, check_dtype)
+                bias = torch.randn(out_features, generator=generator).to(plan.device, check_dtype)
+                delta = torch.randn(out_features, k, generator=generator).to(plan.device)
+                upstream = torch.randn(tokens, out_features, generator=generator).to(plan.device, check_dtype)
+                x64, d64 = x.double().requires_grad_(True), delta.double().requires_grad_(True)
+                y64 = x64 @ (weight.double() + dense_matrix(d64, pattern.columns, in_features, torch.float64)).T
+                (y64 + bias.double()).backward(upstream.double())
+                xv, dv = x.clone().requires_grad_(True), delta.clone().requires_grad_(True)
+                yv = variants.bypass_linear(xv, weight, bias, dv, pattern)
+                yv.backward(upstream)
+                errors = [relative_error(yv.detach(), (y64 + bias.double()).detach()),
+                          relative_error(xv.grad, x64.grad), relative_error(dv.grad, d64.grad)]
+                x_t = variants.transpose(x)
+                base = F.linear(x, weight, bias)
+                orders_agree = torch.equal(
+                    variants.forward_add(x_t, delta, pattern.columns, base),
+                    variants.forward_add(x_t, delta, pattern.columns, base, tokens_first=True))
+                ok = (max(errors) <= TOLERANCE[check_dtype] and torch.equal(x_t, x.T.contiguous()) and orders_agree)
+                name = f"{str(check_dtype).replace('torch.', '')} {in_features}->{out_features}, {tokens} tokens, k={k}"
+                checks.append({"case": name, "errors": errors, "ok": ok})
+                if not ok:
+                    wrong.append(name)
+    rows = [[c["case"], " / ".join(f"{e:.1e}" for e in c["errors"]), "ok" if c["ok"] else "WRONG"] for c in checks]
+    table = markdown_table(["variant layer vs float64", "error: out / grad x / grad delta", "verdict"], rows)
+
+    in_features, out_features = plan.timing_shapes[0]
+    tokens = plan.timing_tokens
+    x = torch.randn(tokens, in_features, generator=generator).to(plan.device, dtype)
+    weight = (torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5).to(plan.device, dtype)
+    grad = torch.randn(tokens, out_features, generator=generator).to(plan.device, dtype)
+    base, base_grad_x = F.linear(x, weight), grad @ weight
+
+    def timed(fn) -> float:
+        fn()
+        return statistics.median(elapsed_seconds(fn, plan.device, plan.timing_inner)
+                                 for _ in range(plan.timing_rounds)) * 1000
+
+    steps, truncated = [], None
+    x_t, grad_t = variants.transpose(x), variants.transpose(grad)
+
+    def compare(what, k, current, variant):
+        steps.append({"step": what, "k": k, "current_ms": timed(current), "variant_ms": timed(variant)})
+
+    try:
+        compare("transpose x: x.T.contiguous() / Triton", "-", lambda: x.T.contiguous(), lambda: variants.transpose(x))
+        compare("transpose grad: float32 copy (before session 8) / Triton in its dtype", "-",
+                lambda: grad.float().T.contiguous(), lambda: variants.transpose(grad))
+        for k in plan.timing_ks:
+            if deadline.left() < 0:
+                truncated = f"steps stopped before k={k}: time share used"
+                break
+            pattern = random_pattern(out_features, in_features, k)
+            delta = torch.randn(out_features, k, generator=generator).to(plan.device) * 0.02
+            y, grad_x = base.clone(), base_grad_x.clone()
+            compare("forward: bypass (with its x.T) in the output dtype, then add / transpose + forward_add", k,
+                    lambda: base + triton_backend.bypass_forward(x, delta, pattern.columns, dtype),
+                    lambda: variants.forward_add(variants.transpose(x), delta, pattern.columns, y, out=y))
+            compare("forward_add: output tiles first / token tiles first", k,
+                    lambda: variants.forward_add(x_t, delta, pattern.columns, y, out=y),
+                    lambda: variants.forward_add(x_t, delta, pattern.columns, y, out=y, tokens_first=True))
+            compare("input grad: kernel, then add / input_grad_add in place", k,
+                    lambda: base_grad_x + triton_backend.input_grad(
+                        grad_t, delta, pattern.transposed_rows, pattern.transposed_order, pattern.transposed_offsets,
+                        in_features, dtype),
+                    lambda: variants.input_grad_add(grad_t, delta, pattern.transposed_rows, pattern.transposed_order,
+                                                    pattern.transposed_offsets, grad_x, out=grad_x))
+    except Exception as error:
+        truncated = f"steps stopped by {type(error).__name__}: {error}"[:300]
+    rows = [[e["step"], str(e["k"]), f"{e['current_ms']:.3f} ms", f"{e['variant_ms']:.3f} ms",
+             f"{e['current_ms'] / max(e['variant_ms'], 1e-9):.2f}x"] for e in steps]
+    table += "\n\n" + markdown_table(["step (current / variant)", "k", "current", "variant", "current / variant"],
+                                     rows)
+
+    layers = []
+    linear = nn.Linear(in_features, out_features).to(plan.device, dtype).requires_grad_(False)
+    x_in = x.clone().requires_grad_(True)
+    for k in plan.timing_ks:
+        if deadline.left() < 0 or truncated:
+            truncated = truncated or f"layers stopped before k={k}: time share used"
+            break
+        pattern = random_pattern(out_features, in_features, k)
+        delta = (torch.randn(out_features, k, generator=generator).to(plan.device) * 0.02).requires_grad_(True)
+
+        def frozen():
+            x_in.grad = None
+            linear(x_in).backward(grad)
+
+        def current(keep_columns):
+            def step():
+                x_in.grad = delta.grad = None
+                y = linear(x_in)
+                (y + sparse_bypass(x_in, delta, pattern, "triton", keep_columns, out_dtype=y.dtype)).backward(grad)
+            return step
+
+        def variant():
+            x_in.grad = delta.grad = None
+            variants.bypass_linear(x_in, linear.weight, linear.bias, delta, pattern).backward(grad)
+
+        methods = {"frozen": frozen, "library (x kept)": current(False), "library (auto)": current(None),
+                   "variant layer": variant}
+        samples = {name: [] for name in methods}
+        for method in methods.values():
+            method()
+        for _ in range(plan.timing_rounds):  # interleaved
+            for name, method in methods.items():
+                samples[name].append(elapsed_seconds(method, plan.device, plan.timing_inner))
+        floor = statistics.median(samples["frozen"])
+        layers.append({"k": k, "floor_ms": floor * 1000,
+                       "ratios": {name: statistics.median(s) / floor for name, s in samples.items()}})
+    rows = [[f"{in_features}->{out_features}", str(e["k"]), f"{e['floor_ms']:.3f} ms"]
+            + [f"{e['ratios'][name]:.2f}x" for name in list(e["ratios"])[1:]] for e in layers]
+    table += "\n\n" + markdown_table(["layer", "k", "frozen", "library (x kept)", "library (auto)", "variant layer"],
+                                     rows)
+    table += (f"\n\n{str(dtype).replace('torch.', '')}, {tokens} tokens; median of {plan.timing_rounds} rounds of "
+              f"{plan.timing_inner} calls; layers forward + backward relative to the frozen layer.")
+    if truncated:
+        table += f"\n\nTruncated: {truncated}."
+    return {"status": "failed" if wrong else "ok",
+            "result": {"checks": checks, "steps": steps, "layers": layers, "truncated": truncated,
+                       "wrong": wrong}, "table": table}
 
 
 def part_layer_timing(plan: Plan, deadline: Deadline) -> dict:
@@ -731,6 +886,7 @@ PARTS = [
     ("peft_roundtrip", part_peft_roundtrip, 30, 5),
     ("kernel_timing", part_kernel_timing, 40, 10),
     ("layer_timing", part_layer_timing, 70, 20),
+    ("kernel_variants", part_kernel_variants, 40, 10),
     ("model_step", part_model_step, 150, 40),
     ("end_to_end", part_end_to_end, 60, 30),
 ]

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["environment", "correctness", "peft_roundtrip", "kernel_timing", "layer_timing", "model_step", "end_to_end"]
+PARTS = ["environment", "correctness", "peft_roundtrip", "kernel_timing", "layer_timing", "kernel_variants",
+         "model_step", "end_to_end"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,10 @@ def test_measurements_are_real_figures(report):
     kernels = parts["kernel_timing"]["result"]["kernels"]
     assert {entry["kernel"] for entry in kernels} == {"forward", "input_grad", "delta_grad"}
     assert all(entry["ms"] > 0 and entry["error_vs_default"] <= 1e-5 for entry in kernels)
+    variants = parts["kernel_variants"]["result"]
+    assert variants["checks"] and all(c["ok"] and max(c["errors"]) <= 1e-5 for c in variants["checks"])
+    assert {e["k"] for e in variants["layers"]} == {1, 20} and not variants["truncated"]
+    assert all(e["current_ms"] > 0 and e["variant_ms"] > 0 for e in variants["steps"])
     layers = parts["layer_timing"]["result"]["layers"]
     assert layers and all(entry["floor_ms"] > 0 and entry["ratios"]["frozen"] == 1.0 for entry in layers)
     assert all(set(entry["ratios"]) >= {"neuroada-triton", "lora-r8", "supertuning", "dense-compose", "full"}
