@@ -17,8 +17,9 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 SMOKE_TESTED = {"bench_layer.py", "bench_model.py", "compare_methods.py",
                 "bench_adapters.py",  # (bench_adapters: tests/test_bench_adapters.py)
                 "bench_selection.py"}  # (tests/test_data_selection.py)
-# shared helpers; the GPU check is tested on its own (tests/test_gpu_check.py); the bundle writer only packs files
-NOT_A_BENCHMARK = {"common.py", "gpu_check.py", "make_gpu_bundle.py"}
+# shared helpers; the GPU check is tested on its own (tests/test_gpu_check.py), the candidate kernels it times too
+# (its kernel_variants part); the bundle writer only packs files
+NOT_A_BENCHMARK = {"common.py", "gpu_check.py", "make_gpu_bundle.py", "triton_variants.py"}
 
 
 @pytest.fixture
