@@ -661,3 +661,17 @@ def test_load_into_an_adapter_that_was_saved_before(tmp_path, tokens):
     model.save_pretrained(tmp_path / "own")
     model.load_adapter(tmp_path / "source", adapter_name="default")
     torch.testing.assert_close(_logits(model, tokens), expected)
+
+
+def test_merging_one_of_two_active_adapters_keeps_the_other_applied(tokens):
+    """With [default, b] active, merging default alone put default in the weights and dropped b from the forward
+    (PEFT's LoRA layers do the same): the model's output changed with a merge, which must not change it."""
+    model = _trained_gpt2(NeuroAdaConfig(k=2))
+    model.add_adapter("b", NeuroAdaConfig(k=2, selection="random", seed=4))
+    randomize_deltas(model, seed=9)
+    model.base_model.set_adapter(["default", "b"])
+    both = _logits(model, tokens)
+    model.merge_adapter(["default"])
+    torch.testing.assert_close(_logits(model, tokens), both)
+    model.unmerge_adapter()
+    torch.testing.assert_close(_logits(model, tokens), both)

@@ -671,7 +671,13 @@ class NeuroAdaLinear(nn.Module, NeuroAdaLayer):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            # merged adapters are in the weight; an active adapter that is not (a merge of some of the active
+            # ones) still adds its bypass, so that a merge never changes the output (LoRA's layers drop it)
+            pending = [name for name in self.active_adapters
+                       if name not in self.merged_adapters and name in self.neuroada_delta]
+            if not pending:
+                return self.base_layer(x, *args, **kwargs)
+            return self._forward_with(x, pending, *args, **kwargs)
         return self._forward_with(x, self.active_adapters, *args, **kwargs)
 
     def _refuse_uncalibrated(self, adapter_names) -> None:
