@@ -444,7 +444,7 @@ def _named_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLaye
 def _validated_for_load(model, config, adapter_name, state_dict, config_is_the_files=True):
     """Check a checkpoint against the model it is about to be loaded into, before anything is copied.
     ``config_is_the_files``: ``config`` was read with the file (else its recorded fingerprints are not checked)."""
-    model_state = model.state_dict()
+    model_state = model.state_dict(keep_vars=True)  # (the Parameters: a ZeRO-3 partition keeps its ds_shape)
     prefix = _PEFT_MODEL_PREFIX if any(k.startswith(_PEFT_MODEL_PREFIX) for k in model_state) else ""
     state_dict = dict(state_dict)
     layers = _named_layers(model, adapter_name)
@@ -553,11 +553,12 @@ def _validated_for_load(model, config, adapter_name, state_dict, config_is_the_f
     # before it raises on one that does not, so a head for another number of classes must be refused here.
     for key, value in state_dict.items():
         live = model_state.get(key)
-        if live is not None and ".neuroada_" not in key and tuple(live.shape) != tuple(value.shape):
+        live_shape = None if live is None else tuple(sharding.logical_shape(live))
+        if live is not None and ".neuroada_" not in key and live_shape != tuple(value.shape):
             module = key.removeprefix(_PEFT_MODEL_PREFIX).split(".modules_to_save.")[0].split(".token_adapter.")[0]
             raise AdapterLoadError(
                 f"module {module!r}: the adapter holds {key.rsplit('.', 1)[-1]!r} of shape {tuple(value.shape)}, but "
-                f"this model's has shape {tuple(live.shape)} (a classification head for another number of classes?); "
+                f"this model's has shape {live_shape} (a classification head for another number of classes?); "
                 "the model was left unchanged. Load it on a base of the same shapes (e.g. the same num_labels).")
     # A later save without indices stores the rows either base could select differently, with the loaded indices
     # (what this base selects itself there is not the adapter's selection); written only once the load is accepted.
