@@ -189,12 +189,12 @@ def test_a_yaml_list_of_target_modules_is_a_list_of_names(tmp_path, tiny_encoder
 # ------------------------------------------------------------------------------------- silent wrong results
 
 
-def test_training_from_a_classifier_keeps_its_classes_and_head(tmp_path, tiny_bert):
-    """A classifier whose ids run the other way round is the same model: its accuracy before training is the same,
-    and training goes on from its head (the data's own sorted order used to scramble it)."""
+def accuracies_before_training(tmp_path, tiny_bert, classifiers):
+    """Train one step (at a rate too small to matter) from each of ``classifiers`` ((name, class names, flip), see
+    save_classifier) on the unbalanced tweets; check that each kept its own classes; their accuracies before."""
     sentiment = write_unbalanced_csv(tmp_path)
     befores = []
-    for name, order, flip in (("plain", ["negative", "positive"], False), ("flipped", ["positive", "negative"], True)):
+    for name, order, flip in classifiers:
         path = save_classifier(tmp_path, tiny_bert, name, order, flip)
         code, out, _ = run_cli(train_flags(path, sentiment, tmp_path / f"run-{name}", "--max_steps", "1",
                                            "--learning_rate", "1e-9"))
@@ -202,6 +202,14 @@ def test_training_from_a_classifier_keeps_its_classes_and_head(tmp_path, tiny_be
         assert "classes: " + path + "'s own, in its order" in out
         befores.append(read_json(tmp_path / f"run-{name}" / "metrics.json")["before"]["accuracy"])
         assert read_json(tmp_path / f"run-{name}" / "adapter" / "neuroada_run.json")["labels"] == order
+    return befores
+
+
+def test_training_from_a_classifier_keeps_its_classes_and_head(tmp_path, tiny_bert):
+    """A classifier whose ids run the other way round is the same model: its accuracy before training is the same,
+    and training goes on from its head (the data's own sorted order used to scramble it)."""
+    befores = accuracies_before_training(tmp_path, tiny_bert, [("plain", ["negative", "positive"], False),
+                                                               ("flipped", ["positive", "negative"], True)])
     assert befores[0] == befores[1]
     assert befores[0] != 0.5  # (the head predicts one class more often, so that a scramble shows)
 
@@ -209,16 +217,8 @@ def test_training_from_a_classifier_keeps_its_classes_and_head(tmp_path, tiny_be
 def test_a_classifier_whose_class_names_differ_in_case_keeps_its_classes_and_head(tmp_path, tiny_bert):
     """POSITIVE/NEGATIVE in the model, positive/negative in the data: the same classes. The data's sorted order used
     to take the ids and kept the base head, scrambled (accuracy before training was that of the flipped head)."""
-    sentiment = write_unbalanced_csv(tmp_path)
-    befores = []
-    for name, order, flip in (("plain", ["negative", "positive"], False), ("upper", ["POSITIVE", "NEGATIVE"], True)):
-        path = save_classifier(tmp_path, tiny_bert, name, order, flip)
-        code, out, _ = run_cli(train_flags(path, sentiment, tmp_path / f"run-{name}", "--max_steps", "1",
-                                           "--learning_rate", "1e-9"))
-        assert code == 0, out
-        assert "classes: " + path + "'s own, in its order" in out
-        befores.append(read_json(tmp_path / f"run-{name}" / "metrics.json")["before"]["accuracy"])
-        assert read_json(tmp_path / f"run-{name}" / "adapter" / "neuroada_run.json")["labels"] == order
+    befores = accuracies_before_training(tmp_path, tiny_bert, [("plain", ["negative", "positive"], False),
+                                                               ("upper", ["POSITIVE", "NEGATIVE"], True)])
     assert befores[0] == befores[1] != 0.5
     # eval of the run on the data as written (lower case) scores the same classes
     code, out, _ = run_cli(["eval", "--adapter", str(tmp_path / "run-upper" / "adapter"), "--output",

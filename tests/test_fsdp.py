@@ -22,6 +22,8 @@ def test_fsdp_training_saves_the_single_process_adapter(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     # the learning-rate check finds the sharded deltas too, on every rank
     assert [(tmp_path / f"lr_warning_rank{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
+    assert "get_model_state_dict" in (tmp_path / "sharded_save").read_text()
+    assert not (tmp_path / "sharded" / "adapter_model.safetensors").exists()
     sharded = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
     single = load_file(tmp_path / "single" / "adapter_model.safetensors")
     assert sharded.keys() == single.keys() and len(single) == 42  # deltas, indices and base values of 14 layers

@@ -171,3 +171,49 @@ def test_deltas_replaced_without_a_forward_are_still_judged():
         deltas[0].grad = torch.zeros_like(deltas[0])
         optimizer.step()  # the first step, before any forward
     assert [w for w in caught if issubclass(w.category, NeuroAdaLearningRateWarning)]
+
+
+# Found by a second audit (session 8): a scheduler that keeps its peak to itself, and the advice for classifiers.
+
+
+def test_a_cyclic_schedule_is_judged_by_the_peak_it_reaches():
+    """CyclicLR sets the group's rate (and initial_lr) to base_lr and keeps max_lr on the scheduler: judged at the
+    first step, a cycle up to the rule's rate was warned about as 300x too low."""
+    model = _model(k=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    scheduler = torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=1e-4, max_lr=3e-2, step_size_up=3)
+    assert _caught(model, optimizer, steps=8, scheduler=scheduler) == []
+    model = _model(k=1)  # a cycle that peaks at a LoRA rate is still warned about, with its peak
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    scheduler = torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=1e-5, max_lr=2e-4, step_size_up=3)
+    caught = _caught(model, optimizer, steps=8, scheduler=scheduler)
+    assert len(caught) == 1 and "learning rate 0.0002," in str(caught[0].message)
+
+
+def test_a_constant_schedule_with_a_lora_rate_still_warns():
+    model = _model(k=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    assert len(_caught(model, optimizer, steps=3, scheduler=scheduler)) == 1
+
+
+def test_the_advice_for_a_classifier_names_the_classifier_rate():
+    """k=8 with a new classification head trains well at 3e-2 / sqrt(8) = 0.011 (the command line's default for it);
+    the warning named the language-model rate, 0.0037, as that default."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=37, num_labels=3))
+    model = get_peft_model(base, NeuroAdaConfig(k=8, task_type="SEQ_CLS", target_modules=["query", "value"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(input_ids=torch.randint(0, 96, (2, 6)), labels=torch.tensor([0, 2])).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    caught = [w for w in caught if issubclass(w.category, NeuroAdaLearningRateWarning)]
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert f"learning_rate={suggested_learning_rate(8, 'SEQ_CLS'):.2g}" in message and "'SEQ_CLS'" in message

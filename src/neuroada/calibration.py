@@ -64,6 +64,10 @@ def calibrate_selection(model: nn.Module, batches: Iterable[Mapping], num_batche
 
     Returns:
         The record written to the adapter config's ``calibration``: ``batches``, ``samples``, ``tokens``.
+
+    In a distributed run (``torch.distributed`` initialised) this is a collective: every process must call it, each
+    on its own batches; all then take process 0's selection (a broadcast), so data-parallel training updates the same
+    connections everywhere. Called on one process only, it waits for the others.
     """
     tuner = model.base_model if isinstance(getattr(model, "base_model", None), NeuroAdaModel) else model
     if not isinstance(tuner, NeuroAdaModel):

@@ -168,6 +168,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.neuroada_indices = _Selections()
         self.bypass_backend: dict[str, str] = {}
         self._data_aware: dict[str, bool] = {}  # adapter -> selection chosen from data (the learning-rate check)
+        self._task_types: dict[str, Optional[str]] = {}  # adapter -> its PEFT task type (the same check's advice)
         # Original weight entries at the selected positions, kept while an adapter is merged so that unmerge
         # restores the base weight bit for bit (subtracting delta again would not, in bf16). Buffers, so that
         # .to() / .half() move and cast them with the weight; not persistent, so never saved.
@@ -276,6 +277,8 @@ class NeuroAdaLayer(BaseTunerLayer):
             delta = (torch.randn(self.out_features, k, dtype=torch.float32, device=device) * 0.02).to(dtype)
         self.neuroada_delta[adapter_name] = nn.Parameter(delta)
         self._data_aware[adapter_name] = config.selection in DATA_CRITERIA
+        self._task_types[adapter_name] = None if config.task_type is None else str(
+            getattr(config.task_type, "value", config.task_type))
         self._track_delta(adapter_name)
         sharding.register_with_zero3(self, self.neuroada_delta[adapter_name], self.get_base_layer().weight)
         if indices is None:
@@ -290,19 +293,20 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def current_deltas(self):
-        """(Parameter, k, data_aware) of each delta this layer holds now, for the learning-rate check (which finds
-        deltas this way too when their Parameter was replaced without being marked: FSDP2 shards them)."""
+        """(Parameter, k, data_aware, task_type) of each delta this layer holds now, for the learning-rate check
+        (which finds deltas this way too when their Parameter was replaced without being marked: FSDP2 shards them)."""
         for name, delta in self.neuroada_delta.items():
             shape = getattr(delta, "ds_shape", delta.shape)  # (DeepSpeed ZeRO-3 leaves an empty partition)
             if len(shape) == 2:
-                yield delta, shape[1], self._data_aware.get(name, False)
+                yield delta, shape[1], self._data_aware.get(name, False), self._task_types.get(name)
 
     def _track_delta(self, adapter_name: str) -> None:
         """Attach to the delta Parameter what finds it there: its k for the learning-rate check, and the hook that
         ends the input-sharing decision. Again whenever the Parameter object was replaced (a load with
         ``assign=True``, as ``low_cpu_mem_usage`` does, or ``copy.deepcopy``), which forward checks."""
         delta = self.neuroada_delta[adapter_name]
-        learning_rate.track_delta(delta, delta.shape[1], self._data_aware.get(adapter_name, False))
+        learning_rate.track_delta(delta, delta.shape[1], self._data_aware.get(adapter_name, False),
+                                  self._task_types.get(adapter_name))
         learning_rate.watch_holder(self)
         if delta.requires_grad:  # (a frozen delta, loaded for inference, gets no gradient to hook)
             layer = weakref.ref(self)
@@ -534,6 +538,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         self.pinned_rows.pop(adapter_name, None)
         self._base_values.pop(adapter_name, None)
         self._data_aware.pop(adapter_name, None)
+        self._task_types.pop(adapter_name, None)
 
 
 @functools.lru_cache(maxsize=16)

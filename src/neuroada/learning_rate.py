@@ -30,10 +30,15 @@ LOW_RATE_FACTOR = 10.0
 
 _K_ATTRIBUTE = "_neuroada_k"  # set on each delta Parameter: the optimizer hook finds NeuroAda deltas by it
 _DATA_AWARE_ATTRIBUTE = "_neuroada_data_aware"  # and whether its selection was chosen from data
+_TASK_TYPE_ATTRIBUTE = "_neuroada_task_type"  # and its adapter's PEFT task type (which form of the rule applies)
 # Data-aware selections put connections on inputs with large activations, and train best at rates up to 10x below
 # the rule (docs/results.md): their check allows that much more.
 DATA_AWARE_RATE_FACTOR = 10.0
 _checked_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+# Optimizers whose low rate is not judged yet because a scheduler may still raise it (CyclicLR keeps its peak on the
+# scheduler, not in the group): group index -> (highest rate seen, k, data_aware, task types), until the rate stops
+# rising.
+_rising: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict]" = weakref.WeakKeyDictionary()
 # Objects (the NeuroAda layers) whose ``current_deltas()`` yields (parameter, k, data_aware) for the deltas they hold
 # now: asked at each optimizer's first step, so that a delta whose Parameter object was replaced without being
 # marked (FSDP2's sharded DTensor parameters, a user's assignment) is still judged.
@@ -64,13 +69,15 @@ def suggested_learning_rate(k: int, task_type: Optional[str] = None) -> float:
     return RATE_AT_K1 / k
 
 
-def track_delta(parameter: torch.nn.Parameter, k: int, data_aware: bool = False) -> None:
+def track_delta(parameter: torch.nn.Parameter, k: int, data_aware: bool = False,
+                task_type: Optional[str] = None) -> None:
     """Mark ``parameter`` as a NeuroAda delta with ``k`` connections per neuron (chosen from data, with
-    ``data_aware``), and make sure optimizers are checked (once each, at their first step) for rates far below
-    ``suggested_learning_rate(k)``."""
+    ``data_aware``; of an adapter of PEFT ``task_type``), and make sure optimizers are checked (once each, at their
+    first steps) for rates far below ``suggested_learning_rate(k, task_type)``."""
     global _hook_handle
     setattr(parameter, _K_ATTRIBUTE, k)
     setattr(parameter, _DATA_AWARE_ATTRIBUTE, data_aware)
+    setattr(parameter, _TASK_TYPE_ATTRIBUTE, task_type)
     if _hook_handle is None:
         _hook_handle = register_optimizer_step_pre_hook(_check_learning_rate)
 
@@ -84,46 +91,88 @@ def watch_holder(holder) -> None:
     _delta_holders.add(holder)
 
 
-def _held_deltas() -> dict[int, tuple[int, bool]]:
-    """id of each delta Parameter the watched holders hold now -> (k, data_aware)."""
+def _held_deltas() -> dict[int, tuple[int, bool, Optional[str]]]:
+    """id of each delta Parameter the watched holders hold now -> (k, data_aware, task_type)."""
     held = {}
     for holder in list(_delta_holders):
-        for parameter, k, data_aware in holder.current_deltas():
-            held[id(parameter)] = (k, data_aware)
+        for parameter, k, data_aware, task_type in holder.current_deltas():
+            held[id(parameter)] = (k, data_aware, task_type)
     return held
 
 
 def _check_learning_rate(optimizer, args, kwargs) -> None:
+    if optimizer in _rising:
+        _recheck_rising(optimizer)
+        return
     if optimizer in _checked_optimizers:  # the only cost on every later step
         return
     _checked_optimizers.add(optimizer)
     held = None
-    for group in optimizer.param_groups:
+    for index, group in enumerate(optimizer.param_groups):
         rate = _peak_rate(group)
         if rate is None:
             continue
         if held is None:
             held = _held_deltas()
-        deltas = [(getattr(p, _K_ATTRIBUTE), getattr(p, _DATA_AWARE_ATTRIBUTE, False)) if hasattr(p, _K_ATTRIBUTE)
+        deltas = [(getattr(p, _K_ATTRIBUTE), getattr(p, _DATA_AWARE_ATTRIBUTE, False),
+                   getattr(p, _TASK_TYPE_ATTRIBUTE, None)) if hasattr(p, _K_ATTRIBUTE)
                   else held[id(p)] for p in group["params"] if hasattr(p, _K_ATTRIBUTE) or id(p) in held]
         if not deltas:
             continue
-        k = max(k for k, _ in deltas)
-        data_aware = any(aware for _, aware in deltas)
-        suggested = suggested_learning_rate(k)  # the lower of the two forms: warn only where both agree
-        floor = suggested / DATA_AWARE_RATE_FACTOR if data_aware else suggested
-        if rate * LOW_RATE_FACTOR < floor:
-            advice = (f"Sweep learning_rate between {floor:.2g} and {suggested:.2g}: data-aware selections (activation, "
-                      "gradient) trained best up to 10x below the rule, and the rule's rate can be too high for them"
-                      if data_aware else f"Use learning_rate={suggested:.2g} (the neuroada command line's default)")
-            warnings.warn(
-                f"NeuroAda deltas (k={k}) are trained at learning rate {rate:g}, {suggested / max(rate, 1e-30):.0f}x "
-                f"below the rate they train well at ({suggested:.2g} = neuroada.suggested_learning_rate({k})). "
-                "Sparse deltas need much larger rates than LoRA: at LoRA's usual 1e-4..3e-4 they barely move and the "
-                f"model stays close to the base. {advice}, or silence this with warnings.filterwarnings('ignore', "
-                "category=neuroada.NeuroAdaLearningRateWarning) if the low rate is intended.",
-                NeuroAdaLearningRateWarning, stacklevel=3)
+        k = max(k for k, _, _ in deltas)
+        data_aware = any(aware for _, aware, _ in deltas)
+        task_types = {task_type for _, _, task_type in deltas}
+        if _too_low(rate, k, data_aware, task_types):
+            if "initial_lr" in group:  # a scheduler runs this group and may raise the rate yet: judge its peak
+                _rising.setdefault(optimizer, {})[index] = (rate, k, data_aware, task_types)
+                continue
+            _warn(rate, k, data_aware, task_types, stacklevel=4)
             return
+
+
+def _recheck_rising(optimizer) -> None:
+    """A step after the first, with low rates waiting to be judged: wait while they rise; judge each at its peak."""
+    pending = _rising[optimizer]
+    for index, (highest, k, data_aware, task_types) in list(pending.items()):
+        rate = _peak_rate(optimizer.param_groups[index]) if index < len(optimizer.param_groups) else None
+        if rate is not None and rate > highest:
+            pending[index] = (rate, k, data_aware, task_types)
+            if not _too_low(rate, k, data_aware, task_types):
+                del pending[index]
+            continue
+        del _rising[optimizer]
+        _warn(highest, k, data_aware, task_types, stacklevel=5)
+        return
+    if not pending:
+        del _rising[optimizer]
+
+
+def _suggested(k: int, task_types: set) -> float:
+    """The rule's rate for a group of deltas: the language-model form unless every adapter in it classifies (the
+    lower of the two, so the check warns only where both forms agree)."""
+    return min(suggested_learning_rate(k, task_type) for task_type in task_types or {None})
+
+
+def _too_low(rate: float, k: int, data_aware: bool, task_types: set) -> bool:
+    floor = _suggested(k, task_types) / (DATA_AWARE_RATE_FACTOR if data_aware else 1.0)
+    return rate * LOW_RATE_FACTOR < floor
+
+
+def _warn(rate: float, k: int, data_aware: bool, task_types: set, stacklevel: int) -> None:
+    suggested = _suggested(k, task_types)
+    named = [task_type for task_type in task_types if task_type is not None]
+    call = f"neuroada.suggested_learning_rate({k}{', ' + repr(named[0]) if len(named) == 1 else ''})"
+    floor = suggested / DATA_AWARE_RATE_FACTOR
+    advice = (f"Sweep learning_rate between {floor:.2g} and {suggested:.2g}: data-aware selections (activation, "
+              "gradient) trained best up to 10x below the rule, and the rule's rate can be too high for them"
+              if data_aware else f"Use learning_rate={suggested:.2g} (the neuroada command line's default)")
+    warnings.warn(
+        f"NeuroAda deltas (k={k}) are trained at learning rate {rate:g}, {suggested / max(rate, 1e-30):.0f}x "
+        f"below the rate they train well at ({suggested:.2g} = {call}). "
+        "Sparse deltas need much larger rates than LoRA: at LoRA's usual 1e-4..3e-4 they barely move and the "
+        f"model stays close to the base. {advice}, or silence this with warnings.filterwarnings('ignore', "
+        "category=neuroada.NeuroAdaLearningRateWarning) if the low rate is intended.",
+        NeuroAdaLearningRateWarning, stacklevel=stacklevel)
 
 
 def _peak_rate(group: dict) -> Optional[float]:

@@ -294,6 +294,12 @@ class NeuroAdaModel(BaseTuner):
         }
         # Checked on the tensors being saved (full ones, also when the live parameters are sharded by FSDP).
         for key, value in selected.items():
+            if isinstance(value, DTensor):
+                raise ValueError(
+                    f"adapter {adapter_name!r}: {key!r} is sharded (an FSDP2 / tensor-parallel DTensor); nothing was "
+                    "saved. Save from the full state dict, gathered on every rank: full = get_model_state_dict(model, "
+                    "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) (torch.distributed.checkpoint."
+                    "state_dict), then on rank 0 model.save_pretrained(path, state_dict=full).")
             if ".neuroada_delta." not in key:
                 continue
             layer_name = key.split(".neuroada_delta.")[0].removeprefix(_PEFT_MODEL_PREFIX)

@@ -59,18 +59,26 @@ if triton is not None:
         return rows.to(tl.int64) * stride
 
     @triton.jit
-    def _forward_kernel(x_t_ptr, columns_ptr, delta_ptr, out_ptr, tokens, out_features, k, stride_x_t, stride_out,
-                        BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-        rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_o = rows_o < out_features
-        mask = mask_o[:, None] & (rows_n < tokens)[None, :]
+    def _forward_tile(x_t_ptr, columns_ptr, delta_ptr, rows_o, rows_n, mask_o, mask, k, stride_x_t,
+                      BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``[BLOCK_O, BLOCK_N]`` float32: ``sum_j x_t[columns[o, j], n] * delta[o, j]`` for the tile's o and n."""
         acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
         for j in range(0, k):
             cols = tl.load(columns_ptr + rows_o * k + j, mask=mask_o, other=0)
             weights = tl.load(delta_ptr + rows_o * k + j, mask=mask_o, other=0.0)
             xv = tl.load(x_t_ptr + _row_starts(cols, stride_x_t)[:, None] + rows_n[None, :], mask=mask, other=0.0)
             acc += xv.to(tl.float32) * weights[:, None]
+        return acc
+
+    @triton.jit
+    def _forward_kernel(x_t_ptr, columns_ptr, delta_ptr, out_ptr, tokens, out_features, k, stride_x_t, stride_out,
+                        BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_o = rows_o < out_features
+        mask = mask_o[:, None] & (rows_n < tokens)[None, :]
+        acc = _forward_tile(x_t_ptr, columns_ptr, delta_ptr, rows_o, rows_n, mask_o, mask, k, stride_x_t, BLOCK_O,
+                            BLOCK_N)
         tl.store(out_ptr + _row_starts(rows_n, stride_out)[None, :] + rows_o[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=mask)
 
@@ -102,12 +110,9 @@ if triton is not None:
                  mask=mask_o[:, None] & (js < k)[None, :])
 
     @triton.jit
-    def _input_grad_kernel(grad_t_ptr, rows_ptr, weights_ptr, offsets_ptr, out_ptr, tokens, in_features, stride_g_t,
-                           stride_out, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-        cols_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_c = cols_c < in_features
-        mask_n = rows_n < tokens
+    def _input_grad_tile(grad_t_ptr, rows_ptr, weights_ptr, offsets_ptr, cols_c, rows_n, mask_c, mask_n, stride_g_t,
+                         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``[BLOCK_C, BLOCK_N]`` float32: ``sum over entries (i, j) at input c of grad_t[i, n] * delta[i, j]``."""
         begin = tl.load(offsets_ptr + cols_c, mask=mask_c, other=0)
         count = tl.load(offsets_ptr + cols_c + 1, mask=mask_c, other=0) - begin
         acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
@@ -118,6 +123,17 @@ if triton is not None:
             gv = tl.load(grad_t_ptr + _row_starts(rows, stride_g_t)[:, None] + rows_n[None, :],
                          mask=valid[:, None] & mask_n[None, :], other=0.0)
             acc += gv.to(tl.float32) * weights[:, None]
+        return acc
+
+    @triton.jit
+    def _input_grad_kernel(grad_t_ptr, rows_ptr, weights_ptr, offsets_ptr, out_ptr, tokens, in_features, stride_g_t,
+                           stride_out, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        cols_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_c = cols_c < in_features
+        mask_n = rows_n < tokens
+        acc = _input_grad_tile(grad_t_ptr, rows_ptr, weights_ptr, offsets_ptr, cols_c, rows_n, mask_c, mask_n,
+                               stride_g_t, BLOCK_C, BLOCK_N)
         tl.store(out_ptr + _row_starts(rows_n, stride_out)[None, :] + cols_c[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=mask_c[:, None] & mask_n[None, :])
 
