@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from neuroada import triton_backend  # the library's kernels: delta_grad is reused as it is
+from neuroada import triton_backend  # the library's kernels: delta_grad is reused as it is, and the tile loops
+from neuroada.triton_backend import _forward_tile, _input_grad_tile
 
 TRANSPOSE_TILES = (64, 64, 4)  # (rows, cols, warps): 64x64 bf16 = 8 KB per tile, 8 elements (16 B) per thread
 FORWARD_TILES = (32, 64, 4)  # (features, tokens, warps)
@@ -64,12 +65,8 @@ def _forward_add_kernel(x_t_ptr, columns_ptr, delta_ptr, base_ptr, out_ptr, toke
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_o = rows_o < out_features
     mask = mask_o[:, None] & (rows_n < tokens)[None, :]
-    acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
-    for j in range(0, k):
-        cols = tl.load(columns_ptr + rows_o * k + j, mask=mask_o, other=0)
-        weights = tl.load(delta_ptr + rows_o * k + j, mask=mask_o, other=0.0)
-        xv = tl.load(x_t_ptr + cols.to(tl.int64)[:, None] * stride_x_t + rows_n[None, :], mask=mask, other=0.0)
-        acc += xv.to(tl.float32) * weights[:, None]
+    acc = _forward_tile(x_t_ptr, columns_ptr, delta_ptr, rows_o, rows_n, mask_o, mask, k, stride_x_t, BLOCK_O,
+                        BLOCK_N)
     # transpose in registers before touching the token-major tensors: [BLOCK_N, BLOCK_O], o contiguous
     acc_t = tl.trans(acc)
     mask_t = tl.trans(mask)
@@ -89,16 +86,8 @@ def _input_grad_add_kernel(grad_t_ptr, rows_ptr, weights_ptr, offsets_ptr, base_
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_c = cols_c < in_features
     mask_n = rows_n < tokens
-    begin = tl.load(offsets_ptr + cols_c, mask=mask_c, other=0)
-    count = tl.load(offsets_ptr + cols_c + 1, mask=mask_c, other=0) - begin
-    acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
-    for e in range(0, tl.max(count, axis=0)):
-        valid = e < count
-        rows = tl.load(rows_ptr + begin + e, mask=valid, other=0)
-        weights = tl.load(weights_ptr + begin + e, mask=valid, other=0.0)
-        gv = tl.load(grad_t_ptr + rows.to(tl.int64)[:, None] * stride_g_t + rows_n[None, :],
-                     mask=valid[:, None] & mask_n[None, :], other=0.0)
-        acc += gv.to(tl.float32) * weights[:, None]
+    acc = _input_grad_tile(grad_t_ptr, rows_ptr, weights_ptr, offsets_ptr, cols_c, rows_n, mask_c, mask_n,
+                           stride_g_t, BLOCK_C, BLOCK_N)
     acc_t = tl.trans(acc)
     mask_t = mask_n[:, None] & mask_c[None, :]
     n64 = rows_n.to(tl.int64)[:, None]
