@@ -675,3 +675,15 @@ def test_merging_one_of_two_active_adapters_keeps_the_other_applied(tokens):
     torch.testing.assert_close(_logits(model, tokens), both)
     model.unmerge_adapter()
     torch.testing.assert_close(_logits(model, tokens), both)
+
+
+def test_ignore_mismatched_sizes_leaves_a_head_of_another_shape_out_as_for_lora(tmp_path):
+    """PEFT's flag for a head of another class count: the head stays the base's, the deltas load."""
+    trained = get_peft_model(_head_net(3, 0), NeuroAdaConfig(k=2, target_modules=["0"], modules_to_save=["2"]))
+    randomize_deltas(trained)
+    trained.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="ignore_mismatched_sizes"):
+        loaded = PeftModel.from_pretrained(_head_net(4, 1), tmp_path, ignore_mismatched_sizes=True)
+    assert torch.equal(loaded.base_model.model[0].neuroada_delta["default"],
+                       trained.base_model.model[0].neuroada_delta["default"])
+    assert loaded.base_model.model[2].modules_to_save["default"].weight.shape == (4, 8)

@@ -217,3 +217,18 @@ def test_the_advice_for_a_classifier_names_the_classifier_rate():
     assert len(caught) == 1
     message = str(caught[0].message)
     assert f"learning_rate={suggested_learning_rate(8, 'SEQ_CLS'):.2g}" in message and "'SEQ_CLS'" in message
+
+
+def test_a_group_of_several_task_types_names_the_form_it_was_judged_by():
+    """Deltas of a causal-LM and a classifier adapter in one group are judged by the lower (language-model) rate,
+    and the warning must name that call, not the classifier's."""
+    from neuroada import NeuroAdaLayer
+
+    model = _model(k=8)
+    for layer in [m for m in model.modules() if isinstance(m, NeuroAdaLayer)][:1]:
+        layer._task_types["default"] = "SEQ_CLS"
+        layer._track_delta("default")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    caught = _caught(model, optimizer)
+    assert len(caught) == 1
+    assert f"({suggested_learning_rate(8):.2g} = neuroada.suggested_learning_rate(8))" in str(caught[0].message)

@@ -91,3 +91,26 @@ def test_an_8bit_layer_that_keeps_float_weights_is_adapted_as_a_plain_weight():
         expected = base(x) + sparse_bypass_reference(x, layer.neuroada_delta["default"],
                                                      layer.neuroada_indices["default"])
         torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("save_indices", [True, False])
+def test_an_adapter_of_a_quantized_base_holds_no_base_values_and_loads_on_its_float_original(tmp_path, bits,
+                                                                                             save_indices):
+    """Rounded weights are not the float original's: saved as base values they made a load on the original warn
+    'not the base' depending on the criterion. Left out (as the README says); the load checks the selection."""
+    import warnings
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    config = NeuroAdaConfig(k=2, target_modules=["0"], selection="random", save_indices=save_indices)
+    get_peft_model(nn.Sequential(quantized_linear(bits)), config).save_pretrained(tmp_path)
+    kinds = {key.rsplit(".", 1)[-1] for key in load_file(tmp_path / "adapter_model.safetensors")}
+    assert not kinds & {"neuroada_base_values", "neuroada_base_sample"}
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(64, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(original, tmp_path)
+    assert not [w for w in caught if "not the base" in str(w.message)]

@@ -368,13 +368,14 @@ class NeuroAdaLayer(BaseTunerLayer):
         unchanged; else read now, except from a sharded or quantized weight (a gather is a collective that a save on
         one process must not run; a dequantisation costs O(weights)): None there, and loads of the file check the
         selection instead."""
+        weight = self.get_base_layer().weight
+        if self.quantization:  # rounded weights: the float original of the base would not match them
+            return None
         indices = self.neuroada_indices[adapter_name]
         kept = self._base_values.get(adapter_name)
         if kept is not None and kept[0] is indices and kept[1] is not None and kept[1] == _version_of(indices):
             return kept[2]
-        weight = self.get_base_layer().weight
-        if self.quantization or weight.is_meta or isinstance(weight, sharding.DTensor) or sharding.is_zero3_partitioned(
-                weight):
+        if weight.is_meta or isinstance(weight, sharding.DTensor) or sharding.is_zero3_partitioned(weight):
             return None
         return self._gather_base_values(self.full_weight_rows(), indices)
 

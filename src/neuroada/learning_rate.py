@@ -160,8 +160,8 @@ def _too_low(rate: float, k: int, data_aware: bool, task_types: set) -> bool:
 
 def _warn(rate: float, k: int, data_aware: bool, task_types: set, stacklevel: int) -> None:
     suggested = _suggested(k, task_types)
-    named = [task_type for task_type in task_types if task_type is not None]
-    call = f"neuroada.suggested_learning_rate({k}{', ' + repr(named[0]) if len(named) == 1 else ''})"
+    form = min(task_types or {None}, key=lambda task_type: suggested_learning_rate(k, task_type))  # the one named
+    call = f"neuroada.suggested_learning_rate({k}{'' if form is None else ', ' + repr(form)})"
     floor = suggested / DATA_AWARE_RATE_FACTOR
     advice = (f"Sweep learning_rate between {floor:.2g} and {suggested:.2g}: data-aware selections (activation, "
               "gradient) trained best up to 10x below the rule, and the rule's rate can be too high for them"

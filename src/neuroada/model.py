@@ -347,9 +347,13 @@ class NeuroAdaModel(BaseTuner):
         # Injected for this load, the adapter's config is the file's; a load into an adapter that existed before
         # gets the live adapter's config from PEFT, which says nothing about the file.
         injected_now = isinstance(tuner, NeuroAdaModel) and tuner._injected_by_running_call(adapter_name)
+        # PEFT's set_peft_model_state_dict (the caller) leaves out other weights of mismatched sizes when asked to,
+        # after this check; the flag reaches this hook only as that frame's argument
+        ignore_mismatched_sizes = bool(sys._getframe(1).f_locals.get("ignore_mismatched_sizes", False))
         try:
             with deferred_selections_kept():
-                return _validated_for_load(model, config, adapter_name, remapped, config_is_the_files=injected_now)
+                return _validated_for_load(model, config, adapter_name, remapped, config_is_the_files=injected_now,
+                                           ignore_mismatched_sizes=ignore_mismatched_sizes)
         except AdapterLoadError:
             if injected_now:
                 tuner._undo_adapter(adapter_name)
@@ -447,9 +451,11 @@ def _named_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLaye
     return layers
 
 
-def _validated_for_load(model, config, adapter_name, state_dict, config_is_the_files=True):
+def _validated_for_load(model, config, adapter_name, state_dict, config_is_the_files=True,
+                        ignore_mismatched_sizes=False):
     """Check a checkpoint against the model it is about to be loaded into, before anything is copied.
-    ``config_is_the_files``: ``config`` was read with the file (else its recorded fingerprints are not checked)."""
+    ``config_is_the_files``: ``config`` was read with the file (else its recorded fingerprints are not checked);
+    ``ignore_mismatched_sizes``: other weights (not NeuroAda's) of other shapes are left to PEFT, which skips them."""
     model_state = model.state_dict(keep_vars=True)  # (the Parameters: a ZeRO-3 partition keeps its ds_shape)
     prefix = _PEFT_MODEL_PREFIX if any(k.startswith(_PEFT_MODEL_PREFIX) for k in model_state) else ""
     state_dict = dict(state_dict)
@@ -560,7 +566,8 @@ def _validated_for_load(model, config, adapter_name, state_dict, config_is_the_f
     for key, value in state_dict.items():
         live = model_state.get(key)
         live_shape = None if live is None else tuple(sharding.logical_shape(live))
-        if live is not None and ".neuroada_" not in key and live_shape != tuple(value.shape):
+        if (live is not None and ".neuroada_" not in key and live_shape != tuple(value.shape)
+                and not ignore_mismatched_sizes):
             module = key.removeprefix(_PEFT_MODEL_PREFIX).split(".modules_to_save.")[0].split(".token_adapter.")[0]
             raise AdapterLoadError(
                 f"module {module!r}: the adapter holds {key.rsplit('.', 1)[-1]!r} of shape {tuple(value.shape)}, but "
