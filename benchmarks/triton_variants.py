@@ -54,46 +54,51 @@ def _transpose_kernel(src_ptr, dst_ptr, rows, cols, stride_src, stride_dst, BLOC
 
 
 @triton.jit
+def _tile_ids(TOKENS_FIRST: tl.constexpr):
+    """(feature tile, token tile) of this program. TOKENS_FIRST: program 0 runs over token tiles (programs running
+    together read long runs of the same feature-major rows) instead of over feature tiles (programs running together
+    read the same 128-byte window of many rows)."""
+    if TOKENS_FIRST:
+        return tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
+def _store_added(acc, rows_n, features, mask_t, base_ptr, out_ptr, stride_base, stride_out):
+    """``out[n, f] = base[n, f] + acc[f, n]``, summed in float32 and rounded once; ``acc`` is transposed in
+    registers first, so the token-major tensors are read and written along f."""
+    n64 = rows_n.to(tl.int64)[:, None]
+    base = tl.load(base_ptr + n64 * stride_base + features[None, :], mask=mask_t, other=0.0)
+    tl.store(out_ptr + n64 * stride_out + features[None, :], (base.to(tl.float32) + tl.trans(acc)).to(
+        out_ptr.dtype.element_ty), mask=mask_t)
+
+
+@triton.jit
 def _forward_add_kernel(x_t_ptr, columns_ptr, delta_ptr, base_ptr, out_ptr, tokens, out_features, k, stride_x_t,
                         stride_base, stride_out, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
                         TOKENS_FIRST: tl.constexpr = False):
-    # TOKENS_FIRST: program 0 runs over token tiles (programs running together read long runs of the same x_t rows)
-    # instead of over output tiles (programs running together read the same 128-byte window of many rows)
-    pid_o = tl.program_id(1) if TOKENS_FIRST else tl.program_id(0)
-    pid_n = tl.program_id(0) if TOKENS_FIRST else tl.program_id(1)
+    pid_o, pid_n = _tile_ids(TOKENS_FIRST)
     rows_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_o = rows_o < out_features
     mask = mask_o[:, None] & (rows_n < tokens)[None, :]
     acc = _forward_tile(x_t_ptr, columns_ptr, delta_ptr, rows_o, rows_n, mask_o, mask, k, stride_x_t, BLOCK_O,
                         BLOCK_N)
-    # transpose in registers before touching the token-major tensors: [BLOCK_N, BLOCK_O], o contiguous
-    acc_t = tl.trans(acc)
-    mask_t = tl.trans(mask)
-    n64 = rows_n.to(tl.int64)[:, None]
-    base = tl.load(base_ptr + n64 * stride_base + rows_o[None, :], mask=mask_t, other=0.0)
-    tl.store(out_ptr + n64 * stride_out + rows_o[None, :], (base.to(tl.float32) + acc_t).to(
-        out_ptr.dtype.element_ty), mask=mask_t)
+    _store_added(acc, rows_n, rows_o, tl.trans(mask), base_ptr, out_ptr, stride_base, stride_out)
 
 
 @triton.jit
 def _input_grad_add_kernel(grad_t_ptr, rows_ptr, weights_ptr, offsets_ptr, base_ptr, out_ptr, tokens, in_features,
                            stride_g_t, stride_base, stride_out, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
                            TOKENS_FIRST: tl.constexpr = False):
-    pid_c = tl.program_id(1) if TOKENS_FIRST else tl.program_id(0)
-    pid_n = tl.program_id(0) if TOKENS_FIRST else tl.program_id(1)
+    pid_c, pid_n = _tile_ids(TOKENS_FIRST)
     cols_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_c = cols_c < in_features
     mask_n = rows_n < tokens
     acc = _input_grad_tile(grad_t_ptr, rows_ptr, weights_ptr, offsets_ptr, cols_c, rows_n, mask_c, mask_n,
                            stride_g_t, BLOCK_C, BLOCK_N)
-    acc_t = tl.trans(acc)
-    mask_t = mask_n[:, None] & mask_c[None, :]
-    n64 = rows_n.to(tl.int64)[:, None]
-    base = tl.load(base_ptr + n64 * stride_base + cols_c[None, :], mask=mask_t, other=0.0)
-    tl.store(out_ptr + n64 * stride_out + cols_c[None, :], (base.to(tl.float32) + acc_t).to(
-        out_ptr.dtype.element_ty), mask=mask_t)
+    _store_added(acc, rows_n, cols_c, mask_n[:, None] & mask_c[None, :], base_ptr, out_ptr, stride_base, stride_out)
 
 
 # ----------------------------------------------------------------------------------------------------- host code
