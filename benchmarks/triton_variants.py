@@ -119,6 +119,12 @@ def transpose(matrix: torch.Tensor, dtype: torch.dtype | None = None, out: torch
     return out
 
 
+def _grid(features: int, tokens: int, tiles, tokens_first: bool) -> tuple:
+    """Programs per (feature tile, token tile), token tiles first with ``tokens_first`` (see ``_tile_ids``)."""
+    grid = (triton.cdiv(features, tiles[0]), triton.cdiv(tokens, tiles[1]))
+    return grid[::-1] if tokens_first else grid
+
+
 def forward_add(x_t: torch.Tensor, delta: torch.Tensor, columns: torch.Tensor, base: torch.Tensor,
                 out: torch.Tensor | None = None, tiles=None, tokens_first: bool = False) -> torch.Tensor:
     """``base + x S^T`` in base's dtype, from feature-major ``x_t`` [in, tokens] and token-major ``base`` [tokens,
@@ -128,11 +134,8 @@ def forward_add(x_t: torch.Tensor, delta: torch.Tensor, columns: torch.Tensor, b
     if out is None:
         out = torch.empty_like(base)
     if tokens:
-        block_o, block_n, warps = tiles or FORWARD_TILES
-        grid = (triton.cdiv(out_features, block_o), triton.cdiv(tokens, block_n))
-        if tokens_first:
-            grid = grid[::-1]
-        _forward_add_kernel[grid](x_t, columns, delta.float().contiguous(), base, out, tokens, out_features, k,
+        block_o, block_n, warps = tiles = tiles or FORWARD_TILES
+        _forward_add_kernel[_grid(out_features, tokens, tiles, tokens_first)](x_t, columns, delta.float().contiguous(), base, out, tokens, out_features, k,
                                   x_t.stride(0), base.stride(0), out.stride(0), BLOCK_O=block_o, BLOCK_N=block_n,
                                   TOKENS_FIRST=tokens_first, num_warps=warps)
     return out
@@ -147,11 +150,8 @@ def input_grad_add(grad_t: torch.Tensor, delta: torch.Tensor, transposed_rows: t
     if out is None:
         out = torch.empty_like(base)
     if tokens:
-        block_c, block_n, warps = tiles or INPUT_GRAD_TILES
-        grid = (triton.cdiv(in_features, block_c), triton.cdiv(tokens, block_n))
-        if tokens_first:
-            grid = grid[::-1]
-        _input_grad_add_kernel[grid](grad_t, transposed_rows, weights, transposed_offsets, base, out, tokens,
+        block_c, block_n, warps = tiles = tiles or INPUT_GRAD_TILES
+        _input_grad_add_kernel[_grid(in_features, tokens, tiles, tokens_first)](grad_t, transposed_rows, weights, transposed_offsets, base, out, tokens,
                                      in_features, grad_t.stride(0), base.stride(0), out.stride(0), BLOCK_C=block_c,
                                      BLOCK_N=block_n, TOKENS_FIRST=tokens_first, num_warps=warps)
     return out
