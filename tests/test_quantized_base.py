@@ -114,3 +114,23 @@ def test_an_adapter_of_a_quantized_base_holds_no_base_values_and_loads_on_its_fl
         warnings.simplefilter("always")
         PeftModel.from_pretrained(original, tmp_path)
     assert not [w for w in caught if "not the base" in str(w.message)]
+
+
+def test_an_adapter_of_a_4bit_base_on_its_float_original_says_so_instead_of_another_base(tmp_path):
+    """The workflow the merge warning recommends (merge into an unquantized copy): the rounded weights selected
+    otherwise, so the selection check fails on the original; the warning said 'not the base the adapter was trained
+    on'. The config now records the quantized training base, and the warning says what is expected of it."""
+    import warnings
+
+    from peft import PeftConfig, PeftModel
+
+    get_peft_model(nn.Sequential(quantized_linear(4)), NeuroAdaConfig(k=2, target_modules=["0"])).save_pretrained(
+        tmp_path)
+    assert PeftConfig.from_pretrained(tmp_path).quantized_base == "4bit"
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(nn.Sequential(nn.Linear(64, 32)), tmp_path)
+    messages = [str(w.message) for w in caught if "adapter 'default'" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "trained on a 4bit quantized base" in messages[0] and "not the base" not in messages[0]

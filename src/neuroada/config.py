@@ -76,6 +76,10 @@ class NeuroAdaConfig(PeftConfig):
         selection_fingerprints (`Optional[dict[str, str]]`):
             Written by ``save_pretrained``: a short hash of each layer's selection, used at load time to detect an
             adapter loaded on other base weights. Leave it unset.
+        quantized_base (`Optional[str]`):
+            Written by ``save_pretrained``: ``"4bit"`` or ``"8bit"`` when the adapted layers were bitsandbytes layers
+            (their selection ranked the rounded weights), so that a load on an unquantized base can say that its own
+            selection is expected to differ. Leave it unset.
     """
 
     k: int = field(default=1, metadata={"help": "Trainable connections per output neuron (>= 1)."})
@@ -115,6 +119,9 @@ class NeuroAdaConfig(PeftConfig):
         default=None, metadata={"help": "Per-layer sums of |W| at the selection, written by calibrate_selection."})
     selection_fingerprints: Optional[dict[str, str]] = field(
         default=None, metadata={"help": "Per-layer selection hashes, written by save_pretrained. Leave unset."}
+    )
+    quantized_base: Optional[str] = field(
+        default=None, metadata={"help": "The training base's quantization, written by save_pretrained. Leave unset."}
     )
 
     def __post_init__(self):

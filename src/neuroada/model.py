@@ -292,6 +292,7 @@ class NeuroAdaModel(BaseTuner):
         config.selection_fingerprints = {
             name: selection_fingerprint(layer.neuroada_indices[adapter_name]) for name, layer in layers.items()
         }
+        config.quantized_base = next((layer.quantization for layer in layers.values() if layer.quantization), None)
         # Checked on the tensors being saved (full ones, also when the live parameters are sharded by FSDP).
         for key, value in selected.items():
             if isinstance(value, DTensor):
@@ -577,7 +578,17 @@ def _validated_for_load(model, config, adapter_name, state_dict, config_is_the_f
     # (what this base selects itself there is not the adapter's selection); written only once the load is accepted.
     for name, rows_and_indices in pinned_after_load.items():
         layers[name].pinned_rows[adapter_name] = rows_and_indices
-    if other_base:
+    trained_quantized = config_is_the_files and config.quantized_base
+    if other_base and trained_quantized and not any(layers[name].quantization for name in other_base):
+        # the workflow the merge warning recommends: merging a quantized base's adapter into its float original
+        name = next(iter(other_base))
+        warnings.warn(
+            f"adapter {adapter_name!r} was trained on a {config.quantized_base} quantized base, whose rounded weights "
+            f"ranked the connections; on {len(other_base)} layer(s) of this unquantized base (e.g. {name!r}) the "
+            "stored indices are not its own selection, as expected when this is the original of that quantized base. "
+            "The adapter is loaded as saved; if this is another model, it does not belong to it."
+        )
+    elif other_base:
         name, why = next(iter(other_base.items()))
         warnings.warn(
             f"adapter {adapter_name!r}: on {len(other_base)} layer(s) (e.g. {name!r}) the stored indices are {why}, "
