@@ -28,9 +28,10 @@ CLASSIFICATION_TASK_TYPES = frozenset({"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})
 # A rate this many times below the rule is LoRA's range, not a choice: warn.
 LOW_RATE_FACTOR = 10.0
 
-_K_ATTRIBUTE = "_neuroada_k"  # set on each delta Parameter: the optimizer hook finds NeuroAda deltas by it
-_DATA_AWARE_ATTRIBUTE = "_neuroada_data_aware"  # and whether its selection was chosen from data
-_TASK_TYPE_ATTRIBUTE = "_neuroada_task_type"  # and its adapter's PEFT task type (which form of the rule applies)
+# Set on each delta Parameter, so that the optimizer hook finds NeuroAda deltas by it: (k, data_aware, task_type),
+# the record the check judges by (whether its selection was chosen from data; its adapter's PEFT task type, which
+# form of the rule applies)
+_RECORD_ATTRIBUTE = "_neuroada_rate_record"
 # Data-aware selections put connections on inputs with large activations, and train best at rates up to 10x below
 # the rule (docs/results.md): their check allows that much more.
 DATA_AWARE_RATE_FACTOR = 10.0
@@ -39,8 +40,8 @@ _checked_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet(
 # scheduler, not in the group): group index -> (highest rate seen, k, data_aware, task types), until the rate stops
 # rising.
 _rising: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict]" = weakref.WeakKeyDictionary()
-# Objects (the NeuroAda layers) whose ``current_deltas()`` yields (parameter, k, data_aware) for the deltas they hold
-# now: asked at each optimizer's first step, so that a delta whose Parameter object was replaced without being
+# Objects (the NeuroAda layers) whose ``current_deltas()`` yields (parameter, k, data_aware, task_type) for the deltas
+# they hold now: asked at each optimizer's first step, so that a delta whose Parameter object was replaced without being
 # marked (FSDP2's sharded DTensor parameters, a user's assignment) is still judged.
 _delta_holders: "weakref.WeakSet" = weakref.WeakSet()
 _hook_handle = None
@@ -75,15 +76,13 @@ def track_delta(parameter: torch.nn.Parameter, k: int, data_aware: bool = False,
     ``data_aware``; of an adapter of PEFT ``task_type``), and make sure optimizers are checked (once each, at their
     first steps) for rates far below ``suggested_learning_rate(k, task_type)``."""
     global _hook_handle
-    setattr(parameter, _K_ATTRIBUTE, k)
-    setattr(parameter, _DATA_AWARE_ATTRIBUTE, data_aware)
-    setattr(parameter, _TASK_TYPE_ATTRIBUTE, task_type)
+    setattr(parameter, _RECORD_ATTRIBUTE, (k, data_aware, task_type))
     if _hook_handle is None:
         _hook_handle = register_optimizer_step_pre_hook(_check_learning_rate)
 
 
 def is_tracked(parameter: torch.nn.Parameter) -> bool:
-    return hasattr(parameter, _K_ATTRIBUTE)
+    return hasattr(parameter, _RECORD_ATTRIBUTE)
 
 
 def watch_holder(holder) -> None:
@@ -114,9 +113,8 @@ def _check_learning_rate(optimizer, args, kwargs) -> None:
             continue
         if held is None:
             held = _held_deltas()
-        deltas = [(getattr(p, _K_ATTRIBUTE), getattr(p, _DATA_AWARE_ATTRIBUTE, False),
-                   getattr(p, _TASK_TYPE_ATTRIBUTE, None)) if hasattr(p, _K_ATTRIBUTE)
-                  else held[id(p)] for p in group["params"] if hasattr(p, _K_ATTRIBUTE) or id(p) in held]
+        records = (getattr(p, _RECORD_ATTRIBUTE, None) or held.get(id(p)) for p in group["params"])
+        deltas = [record for record in records if record is not None]
         if not deltas:
             continue
         k = max(k for k, _, _ in deltas)
@@ -147,10 +145,14 @@ def _recheck_rising(optimizer) -> None:
         del _rising[optimizer]
 
 
+def _rule_form(k: int, task_types: set) -> Optional[str]:
+    """The task type whose form of the rule a group of deltas is judged by: the language-model form unless every
+    adapter in it classifies (the lower rate of the two, so the check warns only where both forms agree)."""
+    return min(task_types or {None}, key=lambda task_type: suggested_learning_rate(k, task_type))
+
+
 def _suggested(k: int, task_types: set) -> float:
-    """The rule's rate for a group of deltas: the language-model form unless every adapter in it classifies (the
-    lower of the two, so the check warns only where both forms agree)."""
-    return min(suggested_learning_rate(k, task_type) for task_type in task_types or {None})
+    return suggested_learning_rate(k, _rule_form(k, task_types))
 
 
 def _too_low(rate: float, k: int, data_aware: bool, task_types: set) -> bool:
@@ -159,8 +161,8 @@ def _too_low(rate: float, k: int, data_aware: bool, task_types: set) -> bool:
 
 
 def _warn(rate: float, k: int, data_aware: bool, task_types: set, stacklevel: int) -> None:
-    suggested = _suggested(k, task_types)
-    form = min(task_types or {None}, key=lambda task_type: suggested_learning_rate(k, task_type))  # the one named
+    form = _rule_form(k, task_types)
+    suggested = suggested_learning_rate(k, form)
     call = f"neuroada.suggested_learning_rate({k}{'' if form is None else ', ' + repr(form)})"
     floor = suggested / DATA_AWARE_RATE_FACTOR
     advice = (f"Sweep learning_rate between {floor:.2g} and {suggested:.2g}: data-aware selections (activation, "
