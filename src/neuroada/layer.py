@@ -356,10 +356,8 @@ class NeuroAdaLayer(BaseTunerLayer):
         is computed only if something reads the indices first (see :class:`_Selections`). Only for a plain weight
         here in memory and no DeepSpeed ZeRO-3: a sharded weight is gathered by collectives that every process must
         run at the same point, which a first read need not be."""
-        weight = self.get_base_layer().weight
         return (bool(config.save_indices and config.selection_fingerprints) and not self.quantization
-                and not weight.is_meta and not isinstance(weight, sharding.DTensor)
-                and not sharding.is_zero3_partitioned(weight) and not sharding._zero3_enabled())
+                and self.base_weight_readable() and not sharding._zero3_enabled())
 
     def selected_base_values(self, adapter_name: str) -> Optional[torch.Tensor]:
         """The base weight at ``adapter_name``'s selected positions, ``W[i, idx[i, j]]`` as ``[out_features, k]``
@@ -368,16 +366,21 @@ class NeuroAdaLayer(BaseTunerLayer):
         unchanged; else read now, except from a sharded or quantized weight (a gather is a collective that a save on
         one process must not run; a dequantisation costs O(weights)): None there, and loads of the file check the
         selection instead."""
-        weight = self.get_base_layer().weight
         if self.quantization:  # rounded weights: the float original of the base would not match them
             return None
         indices = self.neuroada_indices[adapter_name]
         kept = self._base_values.get(adapter_name)
         if kept is not None and kept[0] is indices and kept[1] is not None and kept[1] == _version_of(indices):
             return kept[2]
-        if weight.is_meta or isinstance(weight, sharding.DTensor) or sharding.is_zero3_partitioned(weight):
+        if not self.base_weight_readable():
             return None
         return self._gather_base_values(self.full_weight_rows(), indices)
+
+    def base_weight_readable(self) -> bool:
+        """Whether this process can read the whole base weight as it is: loaded (not on the meta device) and not
+        sharded."""
+        weight = self.get_base_layer().weight
+        return not (weight.is_meta or sharding.is_sharded(weight))
 
     @staticmethod
     def _gather_base_values(rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -431,7 +434,7 @@ class NeuroAdaLayer(BaseTunerLayer):
         last merged first, as LoRA's unmerge subtracts. A load of the adapter only (PEFT's load_adapter) leaves the
         weight and so the records alone: unmerge then restores the old merge's base exactly."""
         weight = self.get_base_layer().weight
-        if self.quantization or isinstance(weight, sharding.DTensor) or sharding.is_zero3_partitioned(weight):
+        if self.quantization or sharding.is_sharded(weight):
             return  # (sharded: only a gather, a collective, would show the whole weight)
         rows = weight.data.T if self.is_conv1d else weight.data
         names = list(self.merged_adapters)

@@ -619,8 +619,7 @@ def _same_base_values(layer: NeuroAdaLayer, indices: torch.Tensor, stored: torch
     """Whether this base's weights at ``indices`` (of ``rows``, default all) are the ones saved with the adapter, up
     to the rounding of another precision. None where that cannot be told: a sharded or quantized weight, or stored
     values all beyond float16's range (the caller then falls back on the selection check)."""
-    weight = layer.get_base_layer().weight
-    if layer.quantization or weight.is_meta or isinstance(weight, DTensor) or sharding.is_zero3_partitioned(weight):
+    if layer.quantization or not layer.base_weight_readable():
         return None
     weights = layer.full_weight_rows()
     if rows is not None:

@@ -20,6 +20,12 @@ def is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def is_sharded(param: torch.Tensor) -> bool:
+    """Whether this process holds only part of ``param`` (FSDP2 / tensor parallelism, DeepSpeed ZeRO-3): the whole
+    of it takes a gather, a collective that one process must not run alone."""
+    return isinstance(param, DTensor) or is_zero3_partitioned(param)
+
+
 def logical_shape(param: torch.Tensor) -> torch.Size:
     """The weight's full shape, also while DeepSpeed ZeRO-3 holds only a partition of it."""
     return param.ds_shape if is_zero3_partitioned(param) else param.shape
