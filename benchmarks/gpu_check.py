@@ -186,6 +186,23 @@ def elapsed_seconds(fn, device: torch.device, repeat: int = 1) -> float:
     return (time.perf_counter() - begin) / repeat
 
 
+def median_seconds(fn, plan: "Plan") -> float:
+    """Seconds per call of ``fn``: one call to warm up (compile, caches), then the median of ``plan.timing_rounds``
+    rounds of ``plan.timing_inner`` calls."""
+    fn()
+    return statistics.median(elapsed_seconds(fn, plan.device, plan.timing_inner) for _ in range(plan.timing_rounds))
+
+
+def interleaved_medians(calls: dict, plan: "Plan") -> dict:
+    """Median seconds per call of each of ``calls`` (name -> warmed-up function), sampled in rounds of one sample of
+    each, so that a slow spell of the machine hits them alike."""
+    samples = {name: [] for name in calls}
+    for _ in range(plan.timing_rounds):
+        for name, fn in calls.items():
+            samples[name].append(elapsed_seconds(fn, plan.device, plan.timing_inner))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -467,15 +484,10 @@ def part_kernel_timing(plan: Plan, deadline: Deadline) -> dict:
     grad = torch.randn(tokens, out_features, generator=generator).to(plan.device, dtype)  # as the layer gets it
     weight = torch.randn(out_features, in_features, generator=generator).to(plan.device, dtype)
 
-    def timed(fn) -> float:
-        fn()  # compile / warm up
-        return statistics.median(elapsed_seconds(fn, plan.device, plan.timing_inner) for _ in range(
-            plan.timing_rounds))
-
     try:
-        floor = {"x W^T (the base forward, for scale)": timed(lambda: x @ weight.T),
-                 "x.T.contiguous()": timed(lambda: x.T.contiguous()),
-                 "grad.T.contiguous()": timed(lambda: grad.T.contiguous())}
+        floor = {"x W^T (the base forward, for scale)": median_seconds(lambda: x @ weight.T, plan),
+                 "x.T.contiguous()": median_seconds(lambda: x.T.contiguous(), plan),
+                 "grad.T.contiguous()": median_seconds(lambda: grad.T.contiguous(), plan)}
         for what, seconds in floor.items():
             rows.append([what, "-", "-", f"{seconds * 1000:.3f} ms", "-"])
         grad_t, x_t = grad.T.contiguous(), x.T.contiguous()
@@ -506,7 +518,7 @@ def part_kernel_timing(plan: Plan, deadline: Deadline) -> dict:
                         break
                     setattr(triton_backend, attribute, value)
                     try:
-                        seconds = timed(run)
+                        seconds = median_seconds(run, plan)
                         error = relative_error(run().float(), reference.double())
                         results.append({"kernel": kernel, "k": k, "variant": label, "ms": seconds * 1000,
                                         "error_vs_default": error})
@@ -590,9 +602,7 @@ def part_kernel_variants(plan: Plan, deadline: Deadline) -> dict:
     base, base_grad_x = F.linear(x, weight), grad @ weight
 
     def timed(fn) -> float:
-        fn()
-        return statistics.median(elapsed_seconds(fn, plan.device, plan.timing_inner)
-                                 for _ in range(plan.timing_rounds)) * 1000
+        return median_seconds(fn, plan) * 1000
 
     steps, truncated = [], None
     x_t, grad_t = variants.transpose(x), variants.transpose(grad)
@@ -657,15 +667,12 @@ def part_kernel_variants(plan: Plan, deadline: Deadline) -> dict:
 
         methods = {"frozen": frozen, "library (x kept)": current(False), "library (auto)": current(None),
                    "variant layer": variant}
-        samples = {name: [] for name in methods}
         for method in methods.values():
-            method()
-        for _ in range(plan.timing_rounds):  # interleaved
-            for name, method in methods.items():
-                samples[name].append(elapsed_seconds(method, plan.device, plan.timing_inner))
-        floor = statistics.median(samples["frozen"])
+            method()  # warm up
+        medians = interleaved_medians(methods, plan)
+        floor = medians["frozen"]
         layers.append({"k": k, "floor_ms": floor * 1000,
-                       "ratios": {name: statistics.median(s) / floor for name, s in samples.items()}})
+                       "ratios": {name: seconds / floor for name, seconds in medians.items()}})
     rows = [[f"{in_features}->{out_features}", str(e["k"]), f"{e['floor_ms']:.3f} ms"]
             + [f"{e['ratios'][name]:.2f}x" for name in list(e["ratios"])[1:]] for e in layers]
     table += "\n\n" + markdown_table(["layer", "k", "frozen", "library (x kept)", "library (auto)", "variant layer"],
@@ -711,16 +718,14 @@ def part_layer_timing(plan: Plan, deadline: Deadline) -> dict:
                 except Exception as error:
                     errors[method] = f"{type(error).__name__}: {error}"[:300]
                     del modules[method]
-            samples = {method: [] for method in modules}
-            for _ in range(plan.timing_rounds):  # interleaved: one sample of each method per round
-                for method, module in modules.items():
-                    samples[method].append(elapsed_seconds(lambda: step(module), plan.device, plan.timing_inner))
-            floor = statistics.median(samples["frozen"])
+            medians = interleaved_medians({method: (lambda module=module: step(module))
+                                           for method, module in modules.items()}, plan)
+            floor = medians["frozen"]
             entry = {"shape": f"{in_features}->{out_features}", "k": k, "tokens": plan.timing_tokens,
                      "floor_ms": floor * 1000, "ratios": {}, "errors": errors}
             for method in methods:
-                if method in samples:
-                    entry["ratios"][method] = statistics.median(samples[method]) / floor
+                if method in medians:
+                    entry["ratios"][method] = medians[method] / floor
             results.append(entry)
             rows.append([entry["shape"], str(k), f"{floor * 1000:.2f} ms"] + [
                 f"{entry['ratios'][m]:.2f}x" if m in entry["ratios"] else "error" for m in methods[1:]])
